@@ -7,7 +7,7 @@ The tree keeps every standard ``except`` clause working::
         ├── BufferTooShort                 message larger than the caller's buffer
         ├── AuthenticationError            the peer failed the HMAC challenge
         ├── TimeoutError                   a wait ran out (AsyncResult.get(timeout))
-        │   └── TaskTimeoutError           a task ran past its task_timeout; also builtins.TimeoutError
+        │   └── TaskTimeoutError           a task ran past task_timeout (also builtin TimeoutError)
         ├── WorkerLostError                a worker died holding a task; also BrokenExecutor
 
 Messages are built in ``__init__`` from the data attributes, so that an exception

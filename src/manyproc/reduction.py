@@ -352,14 +352,19 @@ def recv_handle(conn: Any) -> int:
         return recvfds(s, 1)[0]
 
 
+# In a child of the fork server, fds handed over at start-up arrive as a list and are
+# named by their index in it; elsewhere an inherited fd keeps its number.
+_inherited_fds: list[int] | None = None
+
+
 class _InheritedFd:
     """An fd handed to a child at start-up; in the child it is already open."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, token: int) -> None:
+        self.fd = token
 
     def detach(self) -> int:
-        return self.fd
+        return self.fd if _inherited_fds is None else _inherited_fds[self.fd]
 
 
 # A transport layer module installs the function that shares an fd with any process.

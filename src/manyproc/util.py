@@ -104,7 +104,8 @@ class Finalize:
     def __init__(self, obj: Any, callback: Callable[..., Any], args: Iterable[Any] = (),
                  kwargs: dict[str, Any] | None = None, exitpriority: int | None = None) -> None:
         if exitpriority is not None and not isinstance(exitpriority, int):
-            raise TypeError(f"exitpriority must be None or an int, not {type(exitpriority).__name__}")
+            raise TypeError(
+                f"exitpriority must be None or an int, not {type(exitpriority).__name__}")
         if obj is None and exitpriority is None:
             raise ValueError("Finalize needs an object to watch or an exitpriority, got neither")
         self._weakref = weakref.ref(obj, self) if obj is not None else None

@@ -1,0 +1,1 @@
+"""OS primitives: file descriptors, waiting, signals, CPU counting (DESIGN.md layer 1)."""
