@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import psutil
@@ -41,14 +40,10 @@ def _live_children() -> list[psutil.Process]:
 
 
 def _shm_entries() -> set[str]:
-    try:
-        return {name for name in os.listdir("/dev/shm")}
-    except OSError:
-        return set()
+    """Named segments and semaphores this test session (process family) has now."""
+    from manyproc import resource_tracker
 
-
-def _ours(name: str) -> bool:
-    return name.startswith(("mp-", "sem.mp", "psm_", "mpc", "sem.mpc", "manyproc"))
+    return set(resource_tracker._named_objects())
 
 
 @pytest.fixture(params=START_METHODS)
@@ -85,10 +80,10 @@ def no_leaks(request: pytest.FixtureRequest):
             except psutil.Error:
                 pass
         pytest.fail("test left child processes running: " + "; ".join(described))
-    new_shm = {n for n in _shm_entries() - shm_before if _ours(n)}
+    new_shm = _shm_entries() - shm_before
     while new_shm and time.monotonic() < deadline:
         time.sleep(0.05)
-        new_shm = {n for n in _shm_entries() - shm_before if _ours(n)}
+        new_shm = _shm_entries() - shm_before
     if new_shm:
         pytest.fail(f"test left shared memory or semaphores behind in /dev/shm: {sorted(new_shm)}")
 

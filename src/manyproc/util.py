@@ -324,6 +324,21 @@ def _set_temp_dir(path: str | None) -> None:
     _temp_dir["path"] = path
 
 
+# --------------------------------------------------------------------------- sockets
+
+# Linux names AF_UNIX sockets in an abstract namespace (a leading NUL byte): no file to
+# clean up, and nothing left behind by a process that dies.
+abstract_sockets_supported = sys.platform.startswith("linux")
+
+
+def is_abstract_socket_namespace(address: str | bytes | None) -> bool:
+    """True if ``address`` names an abstract AF_UNIX socket (starts with a NUL)."""
+    if not address:
+        return False
+    first = address[0]
+    return first in (0, "\0")
+
+
 # --------------------------------------------------------------------------- file descriptors
 
 

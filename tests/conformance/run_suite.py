@@ -155,4 +155,8 @@ def _iter_cases(suite: unittest.TestSuite) -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Threads a failed test left blocked must not keep the interpreter from exiting.
+    os._exit(code)

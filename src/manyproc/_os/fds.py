@@ -41,6 +41,7 @@ def close_private_fds_in_child(keep: tuple[int, ...] = ()) -> None:
 
 def close_quietly(*fds: int | None) -> None:
     """Close each fd that is not None, ignoring ones already closed."""
+    unmark_private(*(fd for fd in fds if fd is not None))  # its number may be reused
     for fd in fds:
         if fd is not None and fd >= 0:
             try:

@@ -65,9 +65,10 @@ class Connection:
             return True
         if timeout is not None and timeout <= 0:
             return False
-        with self._inbox.not_empty:
-            self._inbox.not_empty.wait_for(lambda: self._inbox.qsize() > 0, timeout)
-        return self._inbox.qsize() > 0
+        inbox = self._inbox
+        with inbox.not_empty:  # holds inbox.mutex: look at the deque, not qsize()
+            inbox.not_empty.wait_for(lambda: len(inbox.queue) > 0, timeout)
+            return len(inbox.queue) > 0
 
     def close(self) -> None:
         pass
