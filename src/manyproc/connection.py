@@ -22,11 +22,9 @@ is being spawned the fd is inherited; otherwise it is handed over by
 
 from __future__ import annotations
 
-import copyreg
 import itertools
 import os
 import socket
-import threading
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
@@ -57,83 +55,10 @@ MESSAGE_LENGTH = _auth.NONCE_SIZE
 _loads = reduction.ForkingPickler.loads  # pickle.loads, without a wrapper call
 
 
-class _Sink:
-    """The pickler's output file: it keeps the chunks the C pickler writes, uncopied.
-
-    A small pickle arrives as one fresh ``bytes``; a large ``bytes`` inside the
-    object arrives as that very object, so big payloads are never copied.
-    """
-
-    __slots__ = ("parts", "write")
-
-    def __init__(self) -> None:
-        self.parts: list[Any] = []
-        self.write = self.parts.append
+_pickle = reduction.dumps_parts
 
 
-class _PicklerState:
-    __slots__ = ("pickler", "sink", "extra", "copyreg", "busy")
-
-    def __init__(self) -> None:
-        self.sink = _Sink()
-        self.pickler = _ForkingPickler(self.sink)
-        self.extra = len(_ForkingPickler._extra_reducers)
-        self.copyreg = len(copyreg.dispatch_table)
-        self.busy = False
-
-
-class _PerThread(threading.local):
-    state: _PicklerState | None = None
-
-
-_ForkingPickler = reduction.ForkingPickler
-_per_thread = _PerThread()
-
-
-def _pickle(obj: Any) -> Any:
-    """Pickle ``obj`` as :func:`reduction.dumps` does.
-
-    Returns one ``bytes``, or for a large pickle a list of parts to send back to back.
-
-    Building a pickler costs more than pickling a small message, so each thread
-    keeps one and resets it per message.  Anything unusual (a failure to pickle,
-    a newly registered reducer) takes :func:`reduction.dumps` itself, which also
-    explains failures; the bytes are the same either way.  The parts are a
-    snapshot: mutable buffers inside ``obj`` are copied, immutable ``bytes`` not.
-    """
-    state = _per_thread.state
-    if (state is None or state.busy or state.extra != len(_ForkingPickler._extra_reducers)
-            or state.copyreg != len(copyreg.dispatch_table)):
-        fresh = _PicklerState()
-        if state is None or not state.busy:  # a nested call (from a reducer) keeps its own
-            _per_thread.state = fresh
-        state = fresh
-    parts = state.sink.parts
-    state.busy = True
-    try:
-        state.pickler.dump(obj)
-    except Exception:
-        _per_thread.state = None  # a pickler that failed mid-stream is not reused
-        return reduction.dumps(obj)  # pickles the same way, or explains the failure
-    except BaseException:
-        _per_thread.state = None
-        raise
-    if len(parts) == 1:
-        out: Any = parts.pop()
-        if type(out) is not bytes:
-            out = bytes(out)
-    else:
-        out = [p if type(p) is bytes else bytes(p) for p in parts]
-        parts.clear()
-    state.pickler.clear_memo()  # do not keep the message alive through the memo
-    state.busy = False
-    return out
-
-
-def _dumps(obj: Any) -> bytes:
-    """Pickle ``obj`` into one ``bytes`` (see :func:`_pickle`)."""
-    data = _pickle(obj)
-    return data if type(data) is bytes else b"".join(data)
+_dumps = reduction.dumps
 
 
 _write_frame = _wire.write_frame

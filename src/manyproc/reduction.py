@@ -154,6 +154,14 @@ def dumps(obj: Any, protocol: int | None = None, *,
         pickle.PicklingError, TypeError, AttributeError: with the same type the
             standard pickler raised, and a message naming the offending part.
     """
+    if protocol is None and buffer_callback is None:
+        data = dumps_parts(obj)
+        return data if type(data) is bytes else b"".join(data)
+    return _dumps_slow(obj, protocol, buffer_callback)
+
+
+def _dumps_slow(obj: Any, protocol: int | None,
+                buffer_callback: Callable[[pickle.PickleBuffer], Any] | None) -> bytes:
     buf = io.BytesIO()
     try:
         ForkingPickler(buf, protocol, buffer_callback=buffer_callback).dump(obj)
@@ -166,6 +174,78 @@ def dumps(obj: Any, protocol: int | None = None, *,
             pass
         raise explained(exc, obj) from None
     return buf.getvalue()
+
+
+class _Sink:
+    """The pickler's output file: it keeps the chunks the C pickler writes, uncopied.
+
+    A small pickle arrives as one fresh ``bytes``; a large ``bytes`` inside the
+    object arrives as that very object, so big payloads are never copied.
+    """
+
+    __slots__ = ("parts", "write")
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self.write = self.parts.append
+
+
+class _PicklerState:
+    __slots__ = ("pickler", "sink", "extra", "copyreg", "busy")
+
+    def __init__(self) -> None:
+        self.sink = _Sink()
+        self.pickler = ForkingPickler(self.sink)
+        self.extra = len(ForkingPickler._extra_reducers)
+        self.copyreg = len(copyreg.dispatch_table)
+        self.busy = False
+
+
+class _PerThread(threading.local):
+    state: _PicklerState | None = None
+
+
+_per_thread = _PerThread()
+
+
+def dumps_parts(obj: Any) -> Any:
+    """Pickle ``obj`` as :func:`dumps` does, for a writer that can send parts back to back.
+
+    Returns one ``bytes``, or for a large pickle a list of parts to send back to back.
+
+    Building a pickler costs more than pickling a small message, so each thread
+    keeps one and resets it per message.  Anything unusual (a failure to pickle,
+    a newly registered reducer) takes the slow path of :func:`dumps`, which also
+    explains failures; the bytes are the same either way.  The parts are a
+    snapshot: mutable buffers inside ``obj`` are copied, immutable ``bytes`` not.
+    """
+    state = _per_thread.state
+    if (state is None or state.busy or state.extra != len(ForkingPickler._extra_reducers)
+            or state.copyreg != len(copyreg.dispatch_table)):
+        fresh = _PicklerState()
+        if state is None or not state.busy:  # a nested call (from a reducer) keeps its own
+            _per_thread.state = fresh
+        state = fresh
+    parts = state.sink.parts
+    state.busy = True
+    try:
+        state.pickler.dump(obj)
+    except Exception:
+        _per_thread.state = None  # a pickler that failed mid-stream is not reused
+        return _dumps_slow(obj, None, None)  # pickles the same way, or explains the failure
+    except BaseException:
+        _per_thread.state = None
+        raise
+    if len(parts) == 1:
+        out: Any = parts.pop()
+        if type(out) is not bytes:
+            out = bytes(out)
+    else:
+        out = [p if type(p) is bytes else bytes(p) for p in parts]
+        parts.clear()
+    state.pickler.clear_memo()  # do not keep the message alive through the memo
+    state.busy = False
+    return out
 
 
 def loads(data: Any, *, buffers: Iterable[Any] | None = None) -> Any:
