@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any
 
 from . import reduction
@@ -35,7 +36,8 @@ def pickle_for_child(popen: Any, process_obj: Any, start_method: str) -> bytes:
         prep_blob = reduction.dumps(prep)
         try:
             process_blob = reduction.dumps(process_obj)
-        except Exception as exc:
+        except (TypeError, AttributeError, pickle.PicklingError) as exc:
+            # Errors of other types were raised on purpose by a reducer and say why.
             raise _explain_process_pickling(exc, process_obj) from None
     finally:
         reduction.set_spawning_popen(None)

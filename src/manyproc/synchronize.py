@@ -122,9 +122,9 @@ class SemLock:
         if sl.name is None:
             kind = type(self).__name__
             raise RuntimeError(
-                f"this {kind} was created by a 'fork' context, so only children started with "
-                "fork can use it, but it is being sent to a child started another way; create "
-                f"it with the context that starts the child, e.g. "
+                f"A SemLock created in a fork context (this {kind}) is being sent to a child "
+                "started another way: only children started with fork can use it. Create it "
+                "with the context that starts the child, e.g. "
                 f"manyproc.get_context('spawn').{kind}()")
         popen = reduction.get_spawning_popen()
         if popen is not None:
