@@ -71,6 +71,11 @@ class ForkServer:
                 f"not {module_names!r}")
         self._preload = list(module_names)
 
+    @property
+    def _forkserver_pid(self) -> int | None:
+        """The server's pid in the process that started it (the name tests expect)."""
+        return self._pid
+
     def _server_alive(self) -> bool:
         if self._pid is None:
             return self._address is not None
@@ -187,10 +192,6 @@ start_child = _forkserver.start_child
 set_forkserver_preload = _forkserver.set_forkserver_preload
 stop = _forkserver.stop
 util._register_service_stopper(stop)
-
-
-def _forkserver_pid() -> int | None:
-    return _forkserver._pid
 
 
 # --------------------------------------------------------------------------- server side
