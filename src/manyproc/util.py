@@ -8,6 +8,7 @@ sequence through :func:`_register_exit_hook` instead of being imported here.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -362,21 +363,13 @@ def close_fds(*fds: int) -> None:
 
 def _close_stdin() -> None:
     """Give a child an empty stdin, so two processes never read the same terminal."""
-    if sys.stdin is None:
+    inherited = sys.stdin
+    if inherited is None:
         return
-    try:
-        sys.stdin.close()
-    except (OSError, ValueError):
-        pass
-    try:
-        fd = os.open(os.devnull, os.O_RDONLY)
-        try:
-            sys.stdin = open(fd, encoding="utf-8", closefd=False)
-        except BaseException:
-            os.close(fd)
-            raise
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError):
+        inherited.close()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives as sys.stdin
 
 
 def _flush_std_streams() -> None:
