@@ -150,10 +150,11 @@ class Connection:
         self._readable = readable
         self._writable = writable
 
-    def __del__(self) -> None:
+    def __del__(self, _close: Any = os.close) -> None:
+        # ``_close`` is bound at definition: at interpreter exit module globals may be gone.
         if self._handle is not None:
             try:
-                os.close(self._handle)
+                _close(self._handle)
             except OSError:
                 pass
             self._handle = None
