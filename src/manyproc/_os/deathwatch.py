@@ -11,9 +11,15 @@ a short grace (it may be reporting that its parent is gone) and is then killed.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 import time
+
+try:
+    import fcntl
+except ImportError:  # not on this platform: the watcher thread does the job
+    fcntl = None  # type: ignore[assignment]
 
 GRACE_SECONDS = 1.0
 
@@ -35,8 +41,6 @@ def _on_sigio(signum: int, frame: object) -> None:
     if fd is None:
         return
     try:
-        import select
-
         readable, _, _ = select.select([fd], [], [], 0)
         if not readable:
             return
@@ -67,8 +71,8 @@ def watch_parent(alive_fd: int) -> None:
     global _watched_fd
     _watched_fd = alive_fd
     try:
-        import fcntl
-
+        if fcntl is None:
+            raise RuntimeError("no fcntl on this platform")
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("signal handlers need the main thread")
         if signal.getsignal(signal.SIGIO) not in (signal.SIG_DFL, None):
@@ -85,8 +89,6 @@ def watch_parent(alive_fd: int) -> None:
         _watch_with_thread(alive_fd)
         return
     # The parent may have died before the handler was in place.
-    import select
-
     readable, _, _ = select.select([alive_fd], [], [], 0)
     if readable:
         _on_sigio(signal.SIGIO, None)
