@@ -19,7 +19,10 @@ from __future__ import annotations
 import builtins
 import signal
 from concurrent.futures import BrokenExecutor
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "ProcessError",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
 
 from . import util
 from ._os.fds import close_quietly, unmark_private
 from ._os.waiting import wait_readable
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class PopenBase:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import Any
 
 from . import util
 from ._os import deathwatch
 from ._os.fds import close_private_fds_in_child, close_quietly, mark_private, process_sentinel
 from ._popen_common import PopenBase
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Popen"]
 

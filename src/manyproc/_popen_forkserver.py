@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any
 
 from . import forkserver
 from ._os.fds import close_quietly, mark_private
 from ._os.waiting import wait_readable
 from ._popen_common import PopenBase
 from ._popen_spawn import _write_all, pickle_for_child
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Popen"]
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any
 
 from . import reduction
 from ._os.fds import close_quietly, mark_private, pidfd_supported, process_sentinel
 from ._popen_common import PopenBase
 from ._spawn import child_command_line, get_executable, pack, preparation_data
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Popen"]
 

@@ -18,9 +18,12 @@ import runpy
 import struct
 import sys
 import types
-from typing import Any
 
 from . import process, util
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 CHILD_FLAG = "--manyproc-child"
 

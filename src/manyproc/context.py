@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
 
 from . import process, reduction
 from ._errors import AuthenticationError, BufferTooShort, ProcessError, TimeoutError
 
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
 if TYPE_CHECKING:
+    from typing import Any
+
     from .connection import Connection
     from .managers import SyncManager
     from .pool import Pool as _Pool

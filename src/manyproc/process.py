@@ -21,10 +21,13 @@ import threading
 import traceback
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
 from . import util
 from ._os.waiting import wait_readable
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["BaseProcess", "current_process", "active_children", "parent_process"]
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
-import logging
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    import logging
+    from typing import Any
 
 __all__ = [
     "sub_debug", "debug", "info", "sub_warning", "get_logger", "log_to_stderr",
@@ -64,6 +65,7 @@ def sub_warning(msg: str, *args: Any) -> None:
 def get_logger() -> logging.Logger:
     """Return manyproc's logger, creating it (with no handler of its own) on first use."""
     global _logger
+    import logging
     with logging._lock:  # type: ignore[attr-defined]
         if _logger is None:
             logging.addLevelName(SUBDEBUG, "SUBDEBUG")
@@ -76,6 +78,7 @@ def get_logger() -> logging.Logger:
 def log_to_stderr(level: int | str | None = None) -> logging.Logger:
     """Send manyproc's log records to stderr, optionally setting the level."""
     global _log_to_stderr
+    import logging
     logger = get_logger()
     if not any(getattr(h, "_manyproc_stderr", False) for h in logger.handlers):
         handler = logging.StreamHandler()
@@ -304,6 +307,9 @@ def get_temp_dir() -> str:
     """Return a private directory shared by this process tree, removed when its creator exits."""
     path = _temp_dir["path"]
     if path is None:
+        import shutil
+        import tempfile
+
         base = None
         if sys.platform == "darwin":
             base = "/tmp"  # AF_UNIX paths must stay short; the default is long on macOS

@@ -8,9 +8,12 @@ re-opens and unlinks them, and says clearly when the platform lacks them.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from . import shm
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 try:
     from _multiprocessing import SemLock as _CSemLock
