@@ -10,6 +10,12 @@
       recv()      = one frame        -> reduction.loads
       send_bytes / recv_bytes / recv_bytes_into: the same frames, raw
 
+Between the two ends of a ``Pipe`` (always on one host), a message holding 1 MiB
+or more of big buffers (arrays, bytes) travels through shared memory: the frame
+carries only a reference that unpickles into the object, arrays built on the
+shared pages without a copy (see :mod:`manyproc._bigdata`).  Listener/Client
+connections always carry the whole pickle, as the standard library does.
+
 A :class:`Connection` owns one file descriptor: a socket for a duplex ``Pipe`` and
 for everything a ``Listener``/``Client`` makes, an ``os.pipe`` end for a one-way
 ``Pipe``.  It never reads ahead of the message asked for, so ``poll``, ``wait``
@@ -28,7 +34,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
-from . import _auth, _wire, reduction, util
+from . import _auth, _bigdata, _wire, reduction, util
 from ._errors import AuthenticationError, BufferTooShort
 from ._os.waiting import wait_readable
 
@@ -55,7 +61,12 @@ MESSAGE_LENGTH = _auth.NONCE_SIZE
 _loads = reduction.ForkingPickler.loads  # pickle.loads, without a wrapper call
 
 
-_pickle = reduction.dumps_parts
+#: Pickling for a peer on this host (Pipe ends, queues): big messages via shared memory.
+_pickle = _bigdata.dumps_parts
+#: Pickling for any peer (sockets from Listener/Client): the whole pickle in the frame.
+_pickle_plain = reduction.dumps_parts
+_Reference = _bigdata._Reference
+_release = _bigdata.release
 
 
 _dumps = reduction.dumps
@@ -126,6 +137,13 @@ class Connection:
     :func:`manyproc.reduction.dumps`), raw bytes through :meth:`send_bytes`,
     :meth:`recv_bytes` and :meth:`recv_bytes_into`.  A message is received whole
     or not at all; a closed peer gives :class:`EOFError`.
+
+    Args:
+        handle: the file descriptor, which the Connection owns from now on.
+        readable, writable: the directions it may be used in.
+        shm_buffers: the peer is a manyproc process on this host, so messages with
+            big buffers may go through shared memory (see :mod:`manyproc._bigdata`).
+            ``Pipe`` sets it; leave it off for fds whose other end may be elsewhere.
     """
 
     _handle: int | None = None
@@ -135,8 +153,13 @@ class Connection:
     _no_auth_peer: Any = None
     #: True when either of the two above is set: receiving takes the careful path.
     _guarded = False
+    #: Big messages may travel through shared memory (the peer is local and manyproc).
+    _shm_buffers = False
+    #: Messages this end put in shared memory that the reader has not taken yet.
+    _backlog: _bigdata.Backlog | None = None
 
-    def __init__(self, handle: int, readable: bool = True, writable: bool = True) -> None:
+    def __init__(self, handle: int, readable: bool = True, writable: bool = True, *,
+                 shm_buffers: bool = False) -> None:
         try:
             handle = handle.__index__()
         except AttributeError:
@@ -149,6 +172,8 @@ class Connection:
         self._handle = handle
         self._readable = readable
         self._writable = writable
+        if shm_buffers:
+            self._shm_buffers = True
 
     def __del__(self, _close: Any = os.close) -> None:
         # ``_close`` is bound at definition: at interpreter exit module globals may be gone.
@@ -242,7 +267,25 @@ class Connection:
         fd = self._handle
         if fd is None or not self._writable:
             self._refuse(False)
-        _write_frame(fd, _pickle(obj))
+        if not self._shm_buffers:
+            _write_frame(fd, _pickle_plain(obj))
+            return
+        data = _pickle(obj)
+        if type(data) is _Reference:
+            backlog = self._backlog
+            if backlog is None:
+                backlog = self._backlog = _bigdata.Backlog()
+            try:
+                backlog.admit(data, fd)  # a reader that lags holds us up, as a full pipe
+                _write_frame(fd, data)
+            except BaseException as exc:
+                _release(data)  # not sent: nobody will ever take its segment
+                if isinstance(exc, BrokenPipeError):
+                    backlog.abandon()  # nor those sent before that were not read
+                raise
+            backlog.sent(data)
+        else:
+            _write_frame(fd, data)
 
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send ``size`` bytes of the bytes-like ``buf`` from ``offset`` as one message."""
@@ -402,20 +445,26 @@ _ConnectionBase = Connection  # the standard library's name for the base class
 # --------------------------------------------------------------------------- Pipe
 
 
-def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:  # noqa: N802
+def Pipe(duplex: bool = True, *, shm_buffers: bool = True  # noqa: N802
+         ) -> tuple[Connection, Connection]:
     """Return the two ends of a new pipe as Connections.
 
     Args:
         duplex: both ends can send and receive (a socket pair); with ``False`` the
             first end only receives and the second only sends (an ``os.pipe``).
+        shm_buffers: let messages holding 1 MiB or more of arrays or bytes travel
+            through shared memory (see :func:`manyproc.reduction.set_shm_threshold`);
+            ``False`` keeps every byte in the pipe.
     """
     if duplex:
         s1, s2 = socket.socketpair()
         s1.setblocking(True)
         s2.setblocking(True)
-        return Connection(s1.detach()), Connection(s2.detach())
+        return (Connection(s1.detach(), shm_buffers=shm_buffers),
+                Connection(s2.detach(), shm_buffers=shm_buffers))
     r, w = os.pipe()
-    return Connection(r, writable=False), Connection(w, readable=False)
+    return (Connection(r, writable=False, shm_buffers=shm_buffers),
+            Connection(w, readable=False, shm_buffers=shm_buffers))
 
 
 # --------------------------------------------------------------------------- sockets
@@ -662,11 +711,15 @@ def wait(object_list: Iterable[Any], timeout: float | None = None) -> list[Any]:
 
 
 def _reduce_connection(conn: Connection) -> Any:
-    return _rebuild_connection, (reduction.DupFd(conn.fileno()), conn.readable, conn.writable)
+    args: tuple[Any, ...] = (reduction.DupFd(conn.fileno()), conn.readable, conn.writable)
+    if conn._shm_buffers:
+        args += (True,)
+    return _rebuild_connection, args
 
 
-def _rebuild_connection(dup: Any, readable: bool, writable: bool) -> Connection:
-    return Connection(dup.detach(), readable, writable)
+def _rebuild_connection(dup: Any, readable: bool, writable: bool,
+                        shm_buffers: bool = False) -> Connection:
+    return Connection(dup.detach(), readable, writable, shm_buffers=shm_buffers)
 
 
 reduction.register(Connection, _reduce_connection)

@@ -219,6 +219,20 @@ def dumps_parts(obj: Any) -> Any:
     explains failures; the bytes are the same either way.  The parts are a
     snapshot: mutable buffers inside ``obj`` are copied, immutable ``bytes`` not.
     """
+    out = _dumps_uncopied(obj)
+    if type(out) is list:
+        return [p if type(p) is bytes else bytes(p) for p in out]
+    return out
+
+
+def _dumps_uncopied(obj: Any) -> Any:
+    """:func:`dumps_parts` without the snapshot: one ``bytes``, or a list of raw parts.
+
+    Each buffer of 64 KiB or more inside ``obj`` arrives as a part of its own, as
+    the pickler handed it over: the very ``bytes`` or ``bytearray`` object, or a
+    ``pickle.PickleBuffer`` over an array's memory (see :mod:`manyproc._bigdata`).
+    The caller must copy what it needs before ``obj`` changes.
+    """
     state = _per_thread.state
     if (state is None or state.busy or state.extra != len(ForkingPickler._extra_reducers)
             or state.copyreg != len(copyreg.dispatch_table)):
@@ -241,11 +255,36 @@ def dumps_parts(obj: Any) -> Any:
         if type(out) is not bytes:
             out = bytes(out)
     else:
-        out = [p if type(p) is bytes else bytes(p) for p in parts]
+        out = parts[:]
         parts.clear()
     state.pickler.clear_memo()  # do not keep the message alive through the memo
     state.busy = False
     return out
+
+
+def set_shm_threshold(nbytes: int | None) -> None:
+    """Send messages holding ``nbytes`` or more of big buffers through shared memory.
+
+    Big buffers are ``bytes``, ``bytearray`` and numpy arrays (protocol-5 buffers)
+    of 64 KiB or more each; ``None`` keeps every message in the pipe.  Applies to
+    ``Pipe`` connections and queues of this process and of the children it starts
+    afterwards; the default is 1 MiB, or ``MANYPROC_SHM_THRESHOLD`` (e.g. ``4M``,
+    ``off``).  See :mod:`manyproc._bigdata`.
+
+    Raises:
+        TypeError: ``nbytes`` is not an int or None.
+        ValueError: ``nbytes`` is negative.
+    """
+    from . import _bigdata
+
+    _bigdata.set_threshold(nbytes)
+
+
+def get_shm_threshold() -> int | None:
+    """How many bytes of big buffers send a message through shared memory (None: never)."""
+    from . import _bigdata
+
+    return _bigdata.get_threshold()
 
 
 def loads(data: Any, *, buffers: Iterable[Any] | None = None) -> Any:

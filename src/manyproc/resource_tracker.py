@@ -177,6 +177,58 @@ def _unlink_after(name: str, rtype: str, pids: Iterable[int]) -> None:
         _deliver(f"DEFER {rtype} {pid_list} {name}")
 
 
+def _defer_new(name: str, rtype: str, pids: Iterable[int]) -> bool:
+    """Before creating ``name``: have the tracker remove it once every process in ``pids`` ended.
+
+    Unlike :func:`_unlink_after`, this connects to (or starts) the tracker first.
+    Returns False, having sent nothing, when no tracker can be reached: the caller
+    should then not create an object that nobody would remove.
+    """
+    _check(name, rtype)
+    pid_list = ",".join(str(int(p)) for p in pids)
+    with _state.lock:
+        if _state.broken:
+            return False
+        try:
+            _connection()
+        except OSError as exc:
+            util.info("no resource tracker for %s %s: %s", rtype, name, exc)
+            return False
+        _deliver(f"DEFER {rtype} {pid_list} {name}")
+        return not _state.broken
+
+
+def _cancel_deferred(names: Iterable[str], rtype: str, address: str | None = None) -> None:
+    """Forget the deferred removals of ``names``: this process removed them.
+
+    Any process may call it, also before the DEFER reached the tracker.
+    ``address`` names the tracker that holds the deferrals (default: this
+    process's own); another tracker gets the lines on a connection of their
+    own.  One write for all names; never starts a tracker, and gives up silently
+    if it is gone (its deferred removals went with it).
+    """
+    lines = "".join(f"UNDEFER {rtype} {name}\n" for name in names)
+    if not lines:
+        return
+    data = lines.encode("utf-8", "surrogateescape")
+    with _state.lock:
+        if address is None or address == _state.address:
+            if _state.broken or (_state.conn is None and _state.address is None):
+                return
+            try:
+                _connection(start=False).sendall(data)
+            except OSError:
+                pass
+            return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(_REPLY_TIMEOUT)
+        try:
+            sock.connect(address)
+            sock.sendall(data)
+        except OSError:
+            pass
+
+
 def _tracked() -> list[dict[str, Any]]:
     """What the family's tracker tracks right now: dicts with ``rtype``, ``name``, ``pid``.
 

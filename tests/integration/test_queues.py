@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import manyproc as mp
-from manyproc import queues
+from manyproc import queues, reduction
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,12 +35,14 @@ def square_worker(tasks, results):
 
 def put_and_report(q, report):
     """Put more than a pipe holds and exit without anyone reading: the exit is reported."""
+    reduction.set_shm_threshold(None)  # big data must fill the pipe, not shared memory
     queues.FLUSH_REPORT_DELAY = 0.1
     queues._report = report.send
     q.put(b"\x02" * (4 << 20))
 
 
 def put_cancel_and_exit(q, report):
+    reduction.set_shm_threshold(None)  # big data must fill the pipe, not shared memory
     queues._report = report.send
     q.put(b"\x03" * (4 << 20))
     q.cancel_join_thread()

@@ -46,9 +46,9 @@ def test_objects_live_as_long_as_their_proxies(served):
     b = manager.dict()
     assert manager._number_of_objects() == 2
     del a
-    assert manager._number_of_objects() == 1
+    assert wait_for(lambda: manager._number_of_objects() == 1)
     del b
-    assert manager._number_of_objects() == 0
+    assert wait_for(lambda: manager._number_of_objects() == 0)
 
 
 def test_creating_a_proxy_costs_one_request(served, monkeypatch):
@@ -80,9 +80,9 @@ def test_nested_proxies_keep_inner_objects_alive(served):
     assert outer[0].copy() == {"x": 1, "y": 2}
     del inner
     outer.pop()  # the list inside goes with the only reference to it
-    assert manager._number_of_objects() == 2
+    assert wait_for(lambda: manager._number_of_objects() == 2)
     del outer
-    assert manager._number_of_objects() == 0
+    assert wait_for(lambda: manager._number_of_objects() == 0)
 
 
 def test_proxies_inside_replies_need_no_incref(served, monkeypatch):
@@ -100,7 +100,7 @@ def test_proxies_inside_replies_need_no_incref(served, monkeypatch):
     assert [inner[0] for inner in inners] == [1, 1, 1]
     assert "incref" not in sent
     del inners, outer
-    assert manager._number_of_objects() == 0
+    assert wait_for(lambda: manager._number_of_objects() == 0)
 
 
 def test_a_session_that_ends_drops_its_references(served):
@@ -143,7 +143,7 @@ def test_unpickling_a_proxy_takes_a_reference(served):
     assert copy[:] == [1, 2]  # the copy's own reference keeps it
     assert manager._number_of_objects() == 1
     del copy
-    assert manager._number_of_objects() == 0
+    assert wait_for(lambda: manager._number_of_objects() == 0)
 
 
 def test_unpickling_a_proxy_whose_object_is_gone_says_so(served):

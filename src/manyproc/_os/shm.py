@@ -6,8 +6,9 @@ Every segment and semaphore manyproc names itself is called
 
 ``<family>`` is the process id (hex) of the first process of the family, inherited by
 every child, so that a test harness can tell this run's objects from those of other
-programs (see :func:`list_named_objects`); ``<kind>`` is ``m`` for shared memory and
-``s`` for a semaphore.  The whole name stays under the 31 characters macOS allows.
+programs (see :func:`list_named_objects`); ``<kind>`` is ``m`` for shared memory,
+``s`` for a semaphore and ``o`` for the out-of-band buffers of one message
+(:mod:`manyproc._bigdata`).  The whole name stays under the 31 characters macOS allows.
 On Linux, segments appear in ``/dev/shm`` as ``mpc...`` and semaphores as ``sem.mpc...``.
 """
 
@@ -30,6 +31,7 @@ __all__ = [
 NAME_PREFIX = "mpc"
 SHM_KIND = "m"
 SEMAPHORE_KIND = "s"
+BUFFER_KIND = "o"
 
 # macOS limits shm and semaphore names to 31 bytes, leading slash included.
 MAX_NAME_LENGTH = 31 if sys.platform == "darwin" else 255
@@ -120,6 +122,7 @@ def list_named_objects(family: str | None = "") -> list[str]:
     for entry in entries:
         bare = entry[4:] if entry.startswith("sem.") else entry
         if bare.startswith(stem):
-            if family is None or bare[len(stem):len(stem) + 1] in (SHM_KIND, SEMAPHORE_KIND):
+            if family is None or bare[len(stem):len(stem) + 1] in (SHM_KIND, SEMAPHORE_KIND,
+                                                                   BUFFER_KIND):
                 found.append(entry)
     return sorted(found)

@@ -14,6 +14,8 @@ Each process that owns named objects holds its *own* connection to the tracker
     REG <rtype> <name>            this connection owns <name>
     UNREG <rtype> <name>          it does not any more (it removed the name itself)
     DEFER <rtype> <pid,...> <name>   remove <name> once all those processes have ended
+    UNDEFER <rtype> <name>        forget the deferred removal of <name>: some process
+                                  removed it already (may arrive before its DEFER)
     LIST                          -> "LIST <json>"          (what is tracked, for tests)
     BYE                           -> "BYE"   remove what this connection owns, then close
 
@@ -23,6 +25,11 @@ names that connection registered and did not unregister, *unless another live
 connection registered the same name* (a name that a second process re-created after
 the first one lost it belongs to the second).  Processes that only attach to an
 object never register it, so their exit never removes anything.
+
+A deferred removal whose segment is gone already (its receiver took it, but could
+not reach this tracker to say so) is dropped once two looks, made
+``MISSING_CHECK_INTERVAL`` seconds apart, found it missing (a name may be
+deferred a moment before it is created).
 
 The tracker exits by itself once no connection and no deferred removal remain.  A
 process that finds it gone (connection refused, or closed before ``OK``) starts a new
@@ -39,6 +46,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable
 
 __all__ = ["Ledger", "CLEANUP_FUNCS", "serve", "main"]
@@ -79,6 +87,10 @@ class Ledger:
         self.owned: dict[int, set[Key]] = {}      # connection id -> keys it registered
         self.pids: dict[int, int] = {}            # connection id -> pid it announced
         self.waiting: list[tuple[Key, set[int]]] = []  # deferred removals and their pids
+        # Names undeferred before their DEFER arrived (two processes, two sockets):
+        # that DEFER is then dropped.  Oldest first, bounded.
+        self.undeferred: dict[Key, None] = {}
+        self.missing: set[Key] = set()  # deferred names found missing at the last look
 
     def connect(self, conn: int, pid: int = 0) -> None:
         self.owned.setdefault(conn, set())
@@ -99,11 +111,42 @@ class Ledger:
     def defer(self, conn: int, key: Key, pids: Iterable[int]) -> list[Key]:
         """Move ``key`` from ``conn`` to the waiting list; return it at once if no pid is given."""
         self.unregister(conn, key)
+        if key in self.undeferred:
+            del self.undeferred[key]
+            return []  # already removed by the process that undeferred it
         pending = set(pids)
         if not pending:
             return [] if self._claimed_elsewhere(key, None) else [key]
         self.waiting.append((key, pending))
         return []
+
+    #: Most early UNDEFERs remembered (each waits for a DEFER that may never come).
+    MAX_UNDEFERRED = 1 << 16
+
+    def undefer(self, key: Key) -> None:
+        """Drop the deferred removal of ``key``: another process removed it already.
+
+        If its DEFER has not arrived yet, remember to drop it when it does.
+        """
+        kept = [entry for entry in self.waiting if entry[0] != key]
+        if len(kept) != len(self.waiting):
+            self.waiting = kept
+            return
+        self.undeferred[key] = None
+        if len(self.undeferred) > self.MAX_UNDEFERRED:
+            del self.undeferred[next(iter(self.undeferred))]
+
+    def drop_missing(self, exists: Callable[[Key], bool]) -> None:
+        """Drop deferred removals of names found missing now and at the previous call.
+
+        A removal deferred just before its object is created looks missing once;
+        only a name missing twice is really gone, leaving nothing to remove.
+        """
+        missing = {key for key, _ in self.waiting if not exists(key)}
+        gone = missing & self.missing
+        self.missing = missing - gone
+        if gone:
+            self.waiting = [entry for entry in self.waiting if entry[0] not in gone]
 
     def disconnect(self, conn: int) -> list[Key]:
         """Forget ``conn``; return the keys now owned by nobody, which must be removed."""
@@ -149,6 +192,29 @@ def _remove(keys: Iterable[Key]) -> None:
             pass  # its owner or another process removed it already
         except Exception as exc:
             _say(f"could not remove {rtype} {name!r}: {exc}")
+
+
+def _exists(key: Key) -> bool:
+    """False only for a segment known to be gone; other kinds are not checked."""
+    rtype, name = key
+    if rtype != "shared_memory":
+        return True
+    if sys.platform.startswith("linux"):
+        return os.path.exists("/dev/shm/" + name.lstrip("/"))
+    import _posixshmem
+
+    try:
+        fd = _posixshmem.shm_open(name, os.O_RDONLY, mode=0o600)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    os.close(fd)
+    return True
+
+
+#: Seconds between looks for deferred segments that someone else removed.
+MISSING_CHECK_INTERVAL = 1.0
 
 
 def _say(text: str) -> None:
@@ -221,6 +287,7 @@ class _Server:
         self.watcher = _Watcher(self.sel)
         self.listener: socket.socket | None = listener
         self.buffers: dict[int, bytes] = {}
+        self.next_missing_check = time.monotonic() + MISSING_CHECK_INTERVAL
         self.socks: dict[int, socket.socket] = {}
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, ("listen", None))
@@ -267,6 +334,9 @@ class _Server:
                 return
             live = {pid for pid in pids if self.watcher.watch(pid)}
             _remove(self.ledger.defer(cid, (rtype, name), live))
+        elif verb == "UNDEFER":
+            rtype, _, name = rest.partition(" ")
+            self.ledger.undefer((rtype, name))
         elif verb == "HELLO":
             try:
                 self.ledger.connect(cid, int(rest or 0))
@@ -317,11 +387,22 @@ class _Server:
             got = True
         return got
 
+    def _timeout(self) -> float | None:
+        timeout = self.watcher.timeout()
+        if any(key[0] == "shared_memory" for key, _ in self.ledger.waiting):
+            due = max(0.0, self.next_missing_check - time.monotonic())
+            timeout = due if timeout is None else min(timeout, due)
+        return timeout
+
     def run(self) -> None:
         while True:
             if self.ledger.idle() and not self._accept_pending():
                 break
-            for key, _ in self.sel.select(self.watcher.timeout()):
+            if time.monotonic() >= self.next_missing_check:
+                self.next_missing_check = time.monotonic() + MISSING_CHECK_INTERVAL
+                self.ledger.drop_missing(_exists)
+                continue  # the ledger may be idle now
+            for key, _ in self.sel.select(self._timeout()):
                 kind, ident = key.data
                 if kind == "listen":
                     self._accept_pending()
