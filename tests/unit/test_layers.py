@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "manyproc"
 # module pattern -> layer number (DESIGN.md); the first matching pattern wins
 LAYERS: list[tuple[str, int]] = [
     ("util", 0), ("_errors", 0), ("_os.*", 1), ("_os", 1),
-    ("reduction", 2),
+    ("reduction", 2), ("_bigdata", 2),
     ("connection", 3), ("_auth", 3), ("_wire", 3), ("resource_sharer", 3),
     ("process", 4), ("context", 4), ("_spawn", 4), ("_popen_*", 4), ("forkserver", 4),
     ("queues", 5), ("synchronize", 5), ("sharedctypes", 5), ("heap", 5),
@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, int]] = [
     ("_poolcore", 6), ("_poolcore.*", 6),
     ("_backends", 7), ("_backends.*", 7),
     ("pool", 8), ("futures", 8), ("dummy", 8), ("dummy.*", 8), ("_cli", 8), ("__main__", 8),
-    ("_progress", 8), ("_pool*", 8), ("_executor*", 8), ("asyncio", 8), ("_async*", 8),
+    ("_progress", 8), ("_pool*", 8), ("_executor*", 8), ("aio", 8), ("_async*", 8),
     ("__init__", 9),
 ]
 
