@@ -70,7 +70,11 @@ def _explain_process_pickling(exc: BaseException, process_obj: Any) -> BaseExcep
 
 
 class Popen(PopenBase):
-    """Start ``process_obj`` in a freshly spawned interpreter."""
+    """Start ``process_obj`` in a freshly spawned interpreter.
+
+    The start-up sequence (pickle first, then pipes, start, hand over the payload) is
+    shared with the fork server's Popen, which only replaces :meth:`_start_child`.
+    """
 
     method = "spawn"
 
@@ -86,32 +90,42 @@ class Popen(PopenBase):
 
     def _launch(self, process_obj: Any) -> None:
         payload = pickle_for_child(self, process_obj, self.method)
-        data_r, data_w = os.pipe()
-        alive_r, alive_w = os.pipe()
-        # Without pidfds, the child holds the write end of an exit pipe until it dies.
-        exit_r, exit_w = (None, None) if pidfd_supported() else os.pipe()
-        extra = [exit_w] if exit_w is not None else []
+        data_r, data_w = os.pipe()    # carries [prep][process] to the child
+        alive_r, alive_w = os.pipe()  # the child watches it to learn its parent died
         try:
-            inherited = [data_r, alive_r, *extra, *self._fds_for_child]
-            argv = child_command_line("_spawn.main", data_r, alive_r,
-                                      -1 if exit_w is None else exit_w, *self._fds_for_child)
-            self.pid = _spawn_with_fds(get_executable(), argv, inherited)
+            self.pid, self.sentinel = self._start_child(data_r, alive_r)
         except BaseException:
-            close_quietly(data_r, data_w, alive_r, alive_w, exit_r, exit_w)
+            close_quietly(data_w, alive_w)
             raise
-        close_quietly(data_r, alive_r, exit_w)
-        mark_private(alive_w, data_w)
-        sentinel = exit_r if exit_r is not None else process_sentinel(self.pid)
-        assert sentinel is not None
-        self.sentinel = sentinel
-        mark_private(sentinel)
-        self._own_fds(sentinel, alive_w)
+        finally:
+            close_quietly(data_r, alive_r)
+        mark_private(self.sentinel, alive_w, data_w)
+        self._own_fds(self.sentinel, alive_w)
         try:
             _write_all(data_w, payload)
         except BrokenPipeError:
             pass  # the child died at once; its exit code tells the story
         finally:
             close_quietly(data_w)
+
+    def _start_child(self, data_r: int, alive_r: int) -> tuple[int, int]:
+        """Start the child holding ``data_r`` and ``alive_r``; return ``(pid, sentinel)``."""
+        # Without pidfds, the child holds the write end of an exit pipe until it dies.
+        exit_r, exit_w = (None, None) if pidfd_supported() else os.pipe()
+        extra = [exit_w] if exit_w is not None else []
+        try:
+            argv = child_command_line("_spawn.main", data_r, alive_r,
+                                      -1 if exit_w is None else exit_w, *self._fds_for_child)
+            pid = _spawn_with_fds(get_executable(), argv,
+                                  [data_r, alive_r, *extra, *self._fds_for_child])
+        except BaseException:
+            close_quietly(exit_r)
+            raise
+        finally:
+            close_quietly(exit_w)
+        sentinel = exit_r if exit_r is not None else process_sentinel(pid)
+        assert sentinel is not None
+        return pid, sentinel
 
 
 def _write_all(fd: int, data: bytes) -> None:
