@@ -51,8 +51,10 @@ input is pulled: the core emits ``RequestInput(job, n)`` when the job's *window*
 the driver reads up to ``n`` items from the user's iterable and answers ``FeedInput``.
 The window (``max_in_flight``) counts the job's tasks cut and not yet *released*; a task
 is released when its results were delivered (or consumed, with ``ack_consumption``), so
-input read ahead, work in flight and results waiting for their turn are all bounded. The
-core never iterates a user iterable: it could block or raise in the wrong thread.
+input read ahead, work in flight and results waiting for their turn are all bounded.
+``ReleaseWindow`` (and ``Close``) stop waiting for consumption: an iterator nobody reads
+any more must not hold its job (and ``Pool.join()``) for ever. The core never iterates a
+user iterable: it could block or raise in the wrong thread.
 
 Chunks
 ------
@@ -66,7 +68,9 @@ Workers and their lines
 The pool has ``processes`` *slots*, each filled by at most one live worker; a worker that
 dies, is killed or is recycled leaves its slot, and a new worker (a new id) takes it.
 Workers are given tasks only once ready (after their initializer). Each worker has a
-*line*: the task at its head is RUNNING, up to ``prefetch`` more wait behind it (SENT).
+*line*: the task at its head is RUNNING, up to ``prefetch`` more wait behind it (SENT);
+``deep_prefetch`` more for tasks measured to be short, so that tiny tasks travel in
+batches without a long task ever holding work another worker could take.
 Workers run their line in order and answer every task (``TaskDone``, or ``TaskSkipped``
 for a task revoked before it began), so the core always knows which task a worker is
 running, which makes the rest exact:
@@ -135,6 +139,7 @@ from .events import FeedInput as FeedInput
 from .events import InputFailed as InputFailed
 from .events import JobKind as JobKind
 from .events import JobSpec as JobSpec
+from .events import ReleaseWindow as ReleaseWindow
 from .events import RetireWorker as RetireWorker
 from .events import SendFailed as SendFailed
 from .events import Start as Start
@@ -173,7 +178,8 @@ from .stats import WorkerStatistics as WorkerStatistics
 __all__ = [
     "PoolCore", "PoolConfig",
     # events
-    "Event", "Start", "SubmitJob", "FeedInput", "InputFailed", "Consumed", "CancelJob",
+    "Event", "Start", "SubmitJob", "FeedInput", "InputFailed", "Consumed", "ReleaseWindow",
+    "CancelJob",
     "CancelAll", "Close", "Terminate", "Tick", "WorkerStarted", "WorkerReady",
     "WorkerInitFailed", "WorkerExited", "RetireWorker", "TaskStarted", "TaskProgress",
     "TaskDone", "TaskSkipped", "SendFailed", "JobKind", "JobSpec", "CancelMode",

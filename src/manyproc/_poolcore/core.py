@@ -14,7 +14,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import final
+from typing import Any, final
 
 from manyproc._errors import TaskTimeoutError, WorkerLostError, describe_exitcode
 
@@ -31,6 +31,7 @@ from .events import (
     InputFailed,
     JobKind,
     JobSpec,
+    ReleaseWindow,
     RetireWorker,
     SendFailed,
     Start,
@@ -80,6 +81,8 @@ _ABANDONED, _DONE, _FAILED = TaskState.ABANDONED, TaskState.DONE, TaskState.FAIL
 _CANCELLED, _DROPPED = TaskState.CANCELLED, TaskState.DROPPED
 _LIVE_WORKER = frozenset({WorkerState.SPAWNING, WorkerState.STARTING, WorkerState.READY})
 _TO_WORKER = (SendTask, RevokeTask, StopWorker, KillWorker)
+_ONE_ITEM = ChunkSizer(1, n_workers=1)
+_STREAMING = frozenset({JobKind.IMAP, JobKind.IMAP_UNORDERED})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +95,13 @@ class PoolConfig:
         prefetch: tasks a busy worker may hold beyond the one it runs, to hide the round
             trip between tasks. 0 keeps every queued task in the core, where it can still
             go to whichever worker frees up first and be cancelled cleanly.
+        deep_prefetch: the same, for tasks measured to take at most
+            ``short_task_seconds`` (per task, smoothed per job; pool-wide for APPLY jobs):
+            a deep line of tiny tasks lets the driver batch messages. Ignored unless
+            larger than ``prefetch``.
+        short_task_seconds: see ``deep_prefetch``.
+        batch_target_seconds: work to aim for in one task of a job that allows batching
+            (``JobSpec.batch_limit``).
         eager_spawn: start every worker at ``Start`` (``Pool``); if false, start workers
             only when queued work has none free to take it (``ProcessPoolExecutor``).
         max_start_failures: this many workers in a row ending before they are ready
@@ -111,6 +121,9 @@ class PoolConfig:
     processes: int
     maxtasksperchild: int | None = None
     prefetch: int = 0
+    deep_prefetch: int = 0
+    short_task_seconds: float = 0.002
+    batch_target_seconds: float = 0.001
     eager_spawn: bool = True
     max_start_failures: int = 3
     lost_task_retries: int = 0
@@ -124,6 +137,7 @@ class PoolConfig:
     def __post_init__(self) -> None:
         for name, low, allow_none in (
             ("processes", 1, False), ("maxtasksperchild", 1, True), ("prefetch", 0, False),
+            ("deep_prefetch", 0, False),
             ("max_start_failures", 1, False), ("lost_task_retries", 0, False),
             ("max_chunksize", 1, True), ("default_window", 1, True), ("story_length", 0, False),
         ):
@@ -134,7 +148,8 @@ class PoolConfig:
                 more = " or None" if allow_none else ""
                 raise ValueError(f"PoolConfig.{name} must be an int >= {low}{more}, "
                                  f"not {value!r}")
-        for name in ("start_timeout", "stop_timeout", "chunk_target_seconds"):
+        for name in ("start_timeout", "stop_timeout", "chunk_target_seconds",
+                     "short_task_seconds", "batch_target_seconds"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"PoolConfig.{name} must be a positive number of seconds, "
@@ -186,7 +201,6 @@ class _Task:
     started_at: float | None = None
     deadline: float | None = None
     attempts: int = 0
-    history: list[tuple[float, str, TaskState]] = field(default_factory=list)
 
 
 @dataclass(slots=True, eq=False)
@@ -217,12 +231,14 @@ class _Job:
     live: dict[int, _Task] = field(default_factory=dict)  # tasks that owe an outcome
     unreleased: int = 0  # tasks cut and not yet released (the window's measure)
     unacked: deque[bool] = field(default_factory=deque)  # deliveries awaiting Consumed
+    acks_off: bool = False  # ReleaseWindow: deliveries release their task at once
     done_items: int = 0
     dispatched: bool = False
     resolved: bool = False
     results: dict[int, Sequence[object]] = field(default_factory=dict)  # MAP/APPLY: start ->
     held: dict[int, _Chunk] = field(default_factory=dict)  # IMAP: start -> waiting chunk
     next_start: int = 0  # IMAP: position of the next delivery
+    task_seconds: float | None = None  # smoothed run time of one task (for deep prefetch)
 
 
 @dataclass(slots=True)
@@ -279,10 +295,25 @@ class PoolCore:
         self._last_start_failure: tuple[int | None, BaseException | None] = (None, None)
         self._last_init_error: BaseException | None = None
         self._default_window = config.default_window or 2 * config.processes * (
-            1 + config.prefetch)
+            1 + max(config.prefetch, config.deep_prefetch))
         self._counters = _Counters()
         self._story: deque[tuple[float, str, str, int, str, tuple[object, ...]]] | None = (
             deque(maxlen=config.story_length) if config.story_length else None)
+        self._timed = False  # a job had a task_timeout: task deadlines must be checked
+        self._apply_seconds: float | None = None  # smoothed run time of APPLY tasks
+        self._stopping = 0  # workers in STOPPING: stop deadlines to check
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            TaskDone: self._on_task_done, FeedInput: self._on_feed, SubmitJob: self._on_submit,
+            Consumed: self._on_consumed, Tick: self._on_tick,
+            TaskStarted: self._on_task_started, TaskProgress: self._on_task_progress,
+            WorkerReady: self._on_worker_ready, WorkerStarted: self._on_worker_started,
+            WorkerExited: self._on_worker_exited, WorkerInitFailed: self._on_init_failed,
+            RetireWorker: self._on_retire, TaskSkipped: self._on_task_skipped,
+            SendFailed: self._on_send_failed, InputFailed: self._on_input_failed,
+            CancelJob: self._on_cancel_job, ReleaseWindow: self._on_release_window,
+            CancelAll: self._on_cancel_all, Close: self._on_close,
+            Terminate: self._on_terminate, Start: self._on_start,
+        }
 
     # --- public surface -------------------------------------------------------------------
 
@@ -335,6 +366,8 @@ class PoolCore:
 
     def next_deadline(self) -> float | None:
         """The earliest time at which the core wants a ``Tick``, or ``None``."""
+        if not (self._timed or self._stopping or self.config.start_timeout is not None):
+            return None  # nothing in the pool can come due
         best: float | None = None
         start_timeout = self.config.start_timeout
         for w in self._workers.values():
@@ -437,7 +470,7 @@ class PoolCore:
         for wid, w in self._workers.items():
             if w.state in _LIVE_WORKER and w.slot.worker is not w:
                 problems.append(f"live worker {wid} is not in its slot")
-            if len(w.line) > 1 + cfg.prefetch:
+            if len(w.line) > 1 + max(cfg.prefetch, cfg.deep_prefetch):
                 problems.append(f"worker {wid} holds {len(w.line)} tasks > 1 + prefetch")
             if cfg.maxtasksperchild is not None and w.assigned > cfg.maxtasksperchild:
                 problems.append(f"worker {wid} got {w.assigned} tasks > maxtasksperchild")
@@ -482,51 +515,15 @@ class PoolCore:
     # --- event handlers -------------------------------------------------------------------
 
     def _apply(self, event: Event) -> None:
-        match event:
-            case TaskDone():
-                self._on_task_done(event)
-            case FeedInput():
-                self._on_feed(event)
-            case SubmitJob():
-                self._on_submit(event)
-            case Consumed():
-                self._on_consumed(event)
-            case Tick():
-                pass  # deadlines are checked by _settle()
-            case TaskStarted():
-                self._on_task_started(event)
-            case TaskProgress():
-                self._on_task_progress(event)
-            case WorkerReady():
-                self._on_worker_ready(event)
-            case WorkerStarted():
-                self._on_worker_started(event)
-            case WorkerExited():
-                self._on_worker_exited(event)
-            case WorkerInitFailed():
-                self._on_init_failed(event)
-            case RetireWorker():
-                self._on_retire(event)
-            case TaskSkipped():
-                self._on_task_skipped(event)
-            case SendFailed():
-                self._on_send_failed(event)
-            case InputFailed():
-                self._on_input_failed(event)
-            case CancelJob():
-                self._on_cancel_job(event)
-            case CancelAll():
-                self._on_cancel_all(event)
-            case Close():
-                self._on_close(event)
-            case Terminate():
-                self._on_terminate(event)
-            case Start():
-                self._on_start()
-            case _:
-                raise PoolCoreError(f"the pool core does not know the event {event!r}")
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            raise PoolCoreError(f"the pool core does not know the event {event!r}")
+        handler(event)
 
-    def _on_start(self) -> None:
+    def _on_tick(self, ev: Tick) -> None:
+        pass  # deadlines are checked by _settle()
+
+    def _on_start(self, ev: Start) -> None:
         if not self._started:
             self._started = True
             self._log("pool", 0, "started")
@@ -545,16 +542,26 @@ class PoolCore:
             self._emit(ResolveJob(job_id=ev.job_id, outcome=Outcome.ERROR,
                                   error=self._refusal(), stimulus_id=self._stimulus))
             return
+        if spec.kind is JobKind.APPLY:
+            self._submit_apply(ev)
+            return
         length = len(ev.items) if ev.exhausted else spec.length_hint
-        sizer = ChunkSizer(spec.chunksize, n_workers=self.config.processes, length=length,
-                           target_seconds=self.config.chunk_target_seconds,
-                           max_chunksize=self.config.max_chunksize)
+        if spec.batch_limit is not None:
+            sizer = ChunkSizer(None, n_workers=self.config.processes, length=length,
+                               target_seconds=self.config.batch_target_seconds,
+                               max_chunksize=spec.batch_limit)
+        else:
+            sizer = ChunkSizer(spec.chunksize, n_workers=self.config.processes, length=length,
+                               target_seconds=self.config.chunk_target_seconds,
+                               max_chunksize=self.config.max_chunksize)
         window = spec.max_in_flight
         if window is None and not ev.exhausted:
             window = self._default_window
         job = _Job(job_id=ev.job_id, seq=next(self._job_seq), spec=spec, sizer=sizer,
                    window=window)
         self._jobs[job.job_id] = job
+        if spec.task_timeout is not None:
+            self._timed = True  # for good: its tasks may outlive the job (abandoned)
         more = "" if ev.exhausted else ", more to come"
         self._log("job", job.job_id, "submitted {} of {} items{}", spec.kind, len(ev.items),
                   more)
@@ -565,6 +572,37 @@ class PoolCore:
         else:
             self._lazy[job.job_id] = job
         self._resolve_if_complete(job)
+
+    def _submit_apply(self, ev: SubmitJob) -> None:
+        """The one-item job, on the short path: to an idle worker at once, if there is one.
+
+        Idle workers and dispatchable work never coexist once an event is settled, so a
+        new job may take an idle worker without passing older work.
+        """
+        spec = ev.spec
+        job = _Job(job_id=ev.job_id, seq=next(self._job_seq), spec=spec, sizer=_ONE_ITEM,
+                   window=None)
+        job.exhausted = True
+        self._jobs[ev.job_id] = job
+        if spec.task_timeout is not None:
+            self._timed = True
+        story = self._story
+        if story is not None:
+            story.append((self._now, self._stimulus, "job", ev.job_id,
+                          "submitted {} of {} items{}", (JobKind.APPLY, 1, "")))
+        if self._idle and (self._state is PoolState.RUNNING):
+            task_id = next(self._task_ids)
+            task = _Task(task_id, job, 0, 1, ev.items)
+            job.fed = job.cut = 1
+            job.unreleased = 1
+            job.live[task_id] = task
+            self._tasks[task_id] = task
+            if story is not None:
+                story.append((self._now, self._stimulus, "task", task_id,
+                              "cut from job {}: {} items from {}", (ev.job_id, 1, 0)))
+            self._assign(next(iter(self._idle.values())), task)
+        else:
+            self._add_input(job, ev.items)
 
     def _on_feed(self, ev: FeedInput) -> None:
         job = self._jobs.get(ev.job_id)
@@ -591,7 +629,7 @@ class PoolCore:
         position = job.fed
         self._end_input(job)
         self._log("job", job.job_id, "input failed at item {}: {!r}", position, ev.error)
-        if job.spec.kind.streams:
+        if job.spec.kind in _STREAMING:
             chunk = _Chunk(position, position + 1, (), ev.error, holds_slot=False)
             if job.spec.kind is JobKind.IMAP_UNORDERED:
                 self._deliver(job, chunk)
@@ -604,10 +642,26 @@ class PoolCore:
 
     def _on_consumed(self, ev: Consumed) -> None:
         job = self._jobs.get(ev.job_id)
-        if job is None or not job.spec.ack_consumption:
+        if job is None or not job.spec.ack_consumption or job.acks_off:
             return
         for _ in range(min(ev.count, len(job.unacked))):
             if job.unacked.popleft():
+                self._release(job, 1)
+
+    def _on_release_window(self, ev: ReleaseWindow) -> None:
+        job = self._jobs.get(ev.job_id)
+        if job is None or job.resolved:
+            return
+        self._log("job", job.job_id, "window released")
+        self._stop_acks(job)
+
+    def _stop_acks(self, job: _Job) -> None:
+        if job.acks_off or not job.spec.ack_consumption:
+            return
+        job.acks_off = True
+        unacked = job.unacked
+        while unacked:
+            if unacked.popleft():
                 self._release(job, 1)
 
     def _on_cancel_job(self, ev: CancelJob) -> None:
@@ -634,6 +688,9 @@ class PoolCore:
     def _on_close(self, ev: Close) -> None:
         if self._state is PoolState.RUNNING:
             self._set_state(PoolState.CLOSED)
+        for job in self._jobs.values():  # nobody may be left to consume in step: run freely
+            if not job.resolved:
+                self._stop_acks(job)
         if ev.cancel_pending and self._state is PoolState.CLOSED:
             for job in list(self._jobs.values()):
                 if not job.dispatched:
@@ -738,26 +795,50 @@ class PoolCore:
             task.deadline = self._now + timeout * max(1, task.count - ev.items_done)
 
     def _on_task_done(self, ev: TaskDone) -> None:
-        w = self._worker_for(ev.worker_id, "TaskDone")
+        w = self._workers.get(ev.worker_id)
+        if w is None:
+            w = self._worker_for(ev.worker_id, "TaskDone")  # raises
         if w.state is WorkerState.KILLING:
             self._log("task", ev.task_id, "result ignored: its worker is being killed")
             return
-        task = self._head(w, ev.task_id, "TaskDone")
+        line = w.line
+        if not line or line[0].task_id != ev.task_id:
+            self._head(w, ev.task_id, "TaskDone")  # raises
+        task = line[0]
         got = len(ev.results)
-        if task.state is not _ABANDONED and (got > task.count or (
-                got != task.count if ev.error is None else got == task.count)):
+        count = task.count
+        if got != count and task.state is not _ABANDONED and (
+                got > count or ev.error is None or got == count):
             what = "a result" if ev.error is None else "an error after results"
             raise PoolCoreError(f"TaskDone: task {task.task_id} has {task.count} items but "
                                 f"the worker sent {what} for {got} of them")
-        w.line.popleft()
-        elapsed = self._add_busy(w, task)
-        w.slot.tasks_done += 1
-        w.slot.items_done += task.count
+        if got == count and ev.error is not None and task.state is not _ABANDONED:
+            raise PoolCoreError(f"TaskDone: task {task.task_id} has {task.count} items but "
+                                f"the worker sent an error after results for {got} of them")
+        line.popleft()
+        slot = w.slot
+        started = task.started_at
+        elapsed = 0.0
+        if started is not None:
+            elapsed = self._now - started
+            if elapsed < 0.0:
+                elapsed = 0.0
+            slot.busy_time += elapsed
+        slot.tasks_done += 1
+        slot.items_done += count
         if task.state is _ABANDONED:
             self._drop(task)
         else:
             ran = task.count if ev.error is None else got + 1
-            task.job.sizer.observe(ran, ev.duration if ev.duration is not None else elapsed)
+            seconds = ev.duration if ev.duration is not None else elapsed
+            job = task.job
+            job.sizer.observe(ran, seconds)
+            if job.spec.kind is JobKind.APPLY:
+                last = self._apply_seconds
+                self._apply_seconds = seconds if last is None else 0.5 * (last + seconds)
+            else:
+                last = job.task_seconds
+                job.task_seconds = seconds if last is None else 0.5 * (last + seconds)
             self._finish(task, _DONE, ev.results, ev.error)
         self._next_in_line(w)
 
@@ -795,11 +876,15 @@ class PoolCore:
     # --- what follows from the state --------------------------------------------------------
 
     def _settle(self) -> None:
-        self._check_deadlines()
+        if self._timed or self._stopping or self.config.start_timeout is not None:
+            self._check_deadlines()
         self._dispatch()
-        self._request_input()
-        self._fill_slots()
-        self._finish_if_done()
+        if self._lazy:
+            self._request_input()
+        if self._vacant:
+            self._fill_slots()
+        if self._state is not PoolState.RUNNING:
+            self._finish_if_done()
 
     def _check_deadlines(self) -> None:
         now = self._now
@@ -831,13 +916,13 @@ class PoolCore:
         if self._state not in (PoolState.RUNNING, PoolState.CLOSED):
             return
         while True:
-            w = self._pick_worker()
+            job = self._next_job()
+            if job is None:
+                return
+            w = self._pick_worker(self._line_limit(job))
             if w is None:
                 return
-            task = self._next_task()
-            if task is None:
-                return
-            self._assign(w, task)
+            self._assign(w, self._take_task(job))
 
     def _request_input(self) -> None:
         for job in list(self._lazy.values()):
@@ -928,37 +1013,58 @@ class PoolCore:
             self._ready_seqs.add(job.seq)
             heapq.heappush(self._ready_heap, (job.seq, job.job_id))
 
-    def _next_task(self) -> _Task | None:
+    def _next_job(self) -> _Job | None:
+        """The oldest job that has a task to give out (without taking it)."""
         heap = self._ready_heap
         while heap:
             seq, job_id = heap[0]
             job = self._jobs.get(job_id)
             if job is not None and job.seq == seq and self._dispatchable(job):
-                return self._take_task(job)
+                return job
             heapq.heappop(heap)
             self._ready_seqs.discard(seq)
         return None
+
+    def _line_limit(self, job: _Job) -> int:
+        """How many tasks a worker may hold when the next task is one of ``job``'s.
+
+        Tasks measured to be short get a deep line (``deep_prefetch``), so the driver
+        can batch messages and a worker never waits for the round trip; others keep
+        ``prefetch``, so a long task never holds work another worker could take.
+        """
+        config = self.config
+        deep = config.deep_prefetch
+        if deep > config.prefetch and (job.sizer.fixed is not None
+                                       or job.spec.batch_limit is not None):
+            # (chunks that grow by themselves need no deep line: while they grow, a deep
+            # line would only fill with small ones)
+            seconds = (self._apply_seconds if job.spec.kind is JobKind.APPLY
+                       else job.task_seconds)
+            if seconds is not None and seconds <= config.short_task_seconds:
+                return 1 + deep
+        return 1 + config.prefetch
 
     def _take_task(self, job: _Job) -> _Task:
         if job.retry:
             return heapq.heappop(job.retry)[2]
         size = min(job.sizer.next_size(), job.buffered)
-        task = _Task(next(self._task_ids), job, job.cut, size, self._take_items(job, size))
+        task_id = next(self._task_ids)
+        task = _Task(task_id, job, job.cut, size, self._take_items(job, size))
         job.cut += size
         job.unreleased += 1
-        job.live[task.task_id] = task
-        self._tasks[task.task_id] = task
-        task.history.append((self._now, self._stimulus, _QUEUED))
-        self._log("task", task.task_id, "cut from job {}: {} items from {}", job.job_id, size,
-                  task.start)
+        job.live[task_id] = task
+        self._tasks[task_id] = task
+        story = self._story
+        if story is not None:
+            story.append((self._now, self._stimulus, "task", task_id,
+                          "cut from job {}: {} items from {}", (job.job_id, size, task.start)))
         return task
 
-    def _pick_worker(self) -> _Worker | None:
+    def _pick_worker(self, limit: int) -> _Worker | None:
         if self._idle:
             return next(iter(self._idle.values()))
-        if not self.config.prefetch:
+        if limit <= 1:
             return None
-        limit = 1 + self.config.prefetch
         best: _Worker | None = None
         for w in self._workers.values():
             if (w.state is WorkerState.READY and 0 < len(w.line) < limit
@@ -971,33 +1077,57 @@ class PoolCore:
         return not w.retiring and (most is None or w.assigned < most)
 
     def _assign(self, w: _Worker, task: _Task) -> None:
-        first = not w.line
-        w.line.append(task)
+        # (QUEUED -> RUNNING or SENT: always legal, so the move is made here directly)
+        line = w.line
+        first = not line
+        line.append(task)
         w.assigned += 1
         task.worker = w
-        self._idle.pop(w.worker_id, None)
-        task.job.dispatched = True
         if first:
-            self._move(task, _RUNNING)
-            self._begin(task)
+            self._idle.pop(w.worker_id, None)
+        job = task.job
+        job.dispatched = True
+        now = self._now
+        if first:
+            task.state = _RUNNING
+            task.started_at = now
+            timeout = job.spec.task_timeout
+            task.deadline = None if timeout is None else self._deadline(task, now, timeout)
         else:
-            self._move(task, _SENT)
-        self._emit(SendTask(worker_id=w.worker_id, task_id=task.task_id,
-                            job_id=task.job.job_id, start=task.start, items=task.items,
-                            stimulus_id=self._stimulus))
+            task.state = _SENT
+        story = self._story
+        if story is not None:
+            story.append((now, self._stimulus, "task", task.task_id, "{}", (task.state,)))
+        self._out.append(SendTask(worker_id=w.worker_id, task_id=task.task_id,
+                                  job_id=job.job_id, start=task.start, items=task.items,
+                                  stimulus_id=self._stimulus))
 
     def _begin(self, task: _Task) -> None:
         task.started_at = self._now
         timeout = task.job.spec.task_timeout
-        task.deadline = None if timeout is None else self._now + timeout * task.count
+        task.deadline = None if timeout is None else self._deadline(task, self._now, timeout)
+
+    def _deadline(self, task: _Task, now: float, timeout: float) -> float:
+        """When a task that starts ``now`` is overdue: ``timeout`` per item; for a batch
+        of tiny items, one item's timeout (it is split and retried item by item if it
+        runs over, so only an item that is slow on its own fails)."""
+        if task.count > 1 and task.job.spec.batch_limit is not None:
+            return now + timeout + task.count * self.config.batch_target_seconds
+        return now + timeout * task.count
 
     def _next_in_line(self, w: _Worker) -> None:
         """The head of ``w``'s line just left it: start the next task or free the worker."""
         if w.line:
             head = w.line[0]
-            if head.state is _SENT:
-                self._move(head, _RUNNING)
-            self._begin(head)
+            now = self._now
+            if head.state is _SENT:  # SENT -> RUNNING is always legal
+                head.state = _RUNNING
+                story = self._story
+                if story is not None:
+                    story.append((now, self._stimulus, "task", head.task_id, "{}", (_RUNNING,)))
+            head.started_at = now
+            timeout = head.job.spec.task_timeout
+            head.deadline = None if timeout is None else self._deadline(head, now, timeout)
         elif w.state is WorkerState.READY:
             if self._quota_left(w):
                 self._idle[w.worker_id] = w
@@ -1022,7 +1152,29 @@ class PoolCore:
         task.worker = None
         task.items = ()
 
+    def _split(self, task: _Task) -> None:
+        """Hand a batch back as one task per item: a batch never fails as a whole."""
+        job = task.job
+        self._move(task, _CANCELLED)
+        self._tasks.pop(task.task_id, None)
+        job.live.pop(task.task_id, None)
+        task.worker = None
+        items, task.items = task.items, ()
+        self._log("task", task.task_id, "split into {} tasks of one item", task.count)
+        for i in range(task.count):
+            one = _Task(next(self._task_ids), job, task.start + i, 1, (items[i],))
+            job.live[one.task_id] = one
+            self._tasks[one.task_id] = one
+            self._log("task", one.task_id, "cut from job {}: {} items from {}", job.job_id, 1,
+                      one.start)
+            heapq.heappush(job.retry, (one.start, one.task_id, one))
+        job.unreleased += task.count - 1
+        self._mark_ready(job)
+
     def _lose(self, task: _Task, w: _Worker, exitcode: int | None) -> None:
+        if task.count > 1 and task.job.spec.batch_limit is not None:
+            self._split(task)  # only the item at fault will fail, when it runs alone
+            return
         w.slot.tasks_lost += 1
         self._counters.tasks_lost += 1
         if task.attempts < self.config.lost_task_retries:
@@ -1035,7 +1187,9 @@ class PoolCore:
     def _time_out(self, w: _Worker, head: _Task) -> None:
         w.line.popleft()
         self._add_busy(w, head)
-        if head.state is _RUNNING:
+        if head.state is _RUNNING and head.count > 1 and head.job.spec.batch_limit is not None:
+            self._split(head)  # the stuck item will time out again, alone
+        elif head.state is _RUNNING:
             w.slot.tasks_timed_out += 1
             self._counters.tasks_timed_out += 1
             error = TaskTimeoutError(timeout=head.job.spec.task_timeout,
@@ -1057,9 +1211,19 @@ class PoolCore:
     def _finish(self, task: _Task, state: TaskState, values: Sequence[object],
                 error: BaseException | None) -> None:
         """A task reached DONE or FAILED: give its outcome to its job."""
-        self._move(task, state)
-        self._forget_task(task)
+        if state is _DONE and task.state is _RUNNING:  # the usual move, always legal
+            task.state = _DONE
+            story = self._story
+            if story is not None:
+                story.append((self._now, self._stimulus, "task", task.task_id, "{}", (_DONE,)))
+        else:
+            self._move(task, state)
+        task_id = task.task_id
+        self._tasks.pop(task_id, None)
         job = task.job
+        job.live.pop(task_id, None)
+        task.worker = None
+        task.items = ()
         job.done_items += task.count
         if state is _DONE:
             self._counters.tasks_done += 1
@@ -1073,19 +1237,33 @@ class PoolCore:
             self._emit(JobProgress(job_id=job.job_id, done=job.done_items,
                                    total=self._total(job), stimulus_id=self._stimulus))
         kind = job.spec.kind
-        if not kind.streams:
+        start = task.start
+        if kind is JobKind.IMAP_UNORDERED or (kind is JobKind.IMAP and start == job.next_start):
+            # delivered at once (for IMAP: it is the next in order)
+            self._emit(DeliverResults(job_id=job.job_id, start=start, stop=start + task.count,
+                                      values=values, error=error, stimulus_id=self._stimulus))
+            if job.spec.ack_consumption and not job.acks_off:
+                job.unacked.append(True)
+            else:
+                self._release(job, 1)
+            if kind is JobKind.IMAP:
+                job.next_start = start + task.count
+                if job.held:
+                    self._flush(job)
+        elif kind is JobKind.IMAP:
+            job.held[start] = _Chunk(start, start + task.count, values, error, holds_slot=True)
+        elif kind is JobKind.APPLY and error is None:
+            job.unreleased -= 1
+            self._resolve(job, Outcome.OK, value=values[0])
+            if not job.live and not job.retry and self._jobs.get(job.job_id) is job:
+                del self._jobs[job.job_id]
+            return
+        else:
             self._release(job, 1)
             if error is not None:
                 self._fail_whole_job(job, error)
                 return
-            job.results[task.start] = values
-        else:
-            chunk = _Chunk(task.start, task.start + task.count, values, error, holds_slot=True)
-            if kind is JobKind.IMAP_UNORDERED:
-                self._deliver(job, chunk)
-            else:
-                job.held[chunk.start] = chunk
-                self._flush(job)
+            job.results[start] = values
         self._resolve_if_complete(job)
 
     def _fail_whole_job(self, job: _Job, error: BaseException) -> None:
@@ -1098,7 +1276,7 @@ class PoolCore:
         self._emit(DeliverResults(job_id=job.job_id, start=chunk.start, stop=chunk.stop,
                                   values=chunk.values, error=chunk.error,
                                   stimulus_id=self._stimulus))
-        if job.spec.ack_consumption:
+        if job.spec.ack_consumption and not job.acks_off:
             job.unacked.append(chunk.holds_slot)
         elif chunk.holds_slot:
             self._release(job, 1)
@@ -1310,16 +1488,32 @@ class PoolCore:
     def _move(self, task: _Task, new: TaskState) -> None:
         if new not in TASK_MOVES[task.state]:
             raise InvalidTransition(task.task_id, task.state.name, new.name,
-                                    [(t, stim, st.name) for t, stim, st in task.history])
+                                    self._task_history(task.task_id))
         task.state = new
-        task.history.append((self._now, self._stimulus, new))
-        if self._story is not None:
-            self._story.append((self._now, self._stimulus, "task", task.task_id, "{}", (new,)))
+        story = self._story
+        if story is not None:
+            story.append((self._now, self._stimulus, "task", task.task_id, "{}", (new,)))
+
+    def _task_history(self, task_id: int) -> list[tuple[float, str, str]]:
+        """A task's moves, ``(now, stimulus_id, state name)``, as far as the story recalls."""
+        history = []
+        for now, stim, kind, ident, template, args in self._story or ():
+            if kind != "task" or ident != task_id:
+                continue
+            if template == "{}" and args and isinstance(args[0], TaskState):
+                history.append((now, stim, args[0].name))
+            elif template.startswith("cut from job"):
+                history.append((now, stim, _QUEUED.name))
+        return history
 
     def _move_worker(self, w: _Worker, new: WorkerState) -> None:
         if new not in WORKER_MOVES[w.state]:
             raise PoolCoreError(f"pool core bug: worker {w.worker_id} cannot go from "
                                 f"{w.state.name} to {new.name}")
+        if w.state is WorkerState.STOPPING:
+            self._stopping -= 1
+        elif new is WorkerState.STOPPING:
+            self._stopping += 1
         w.state = new
         self._log("worker", w.worker_id, "{}", new)
 

@@ -1,6 +1,6 @@
 """Events: what happened, as the driver tells it to the pool core.
 
-Every event is a frozen, slotted, keyword-only dataclass carrying ``now`` (the driver's
+Every event is a slotted, keyword-only dataclass carrying ``now`` (the driver's
 monotonic clock when the event happened, in seconds: the core never reads a clock) and
 ``stimulus_id`` (a name for this cause, repeated on every instruction it leads to and in
 the core's story). The driver may pass its own ids; by default one is made up.
@@ -8,7 +8,8 @@ the core's story). The driver may pass its own ids; by default one is made up.
 Who sends what:
 
 * the face (on behalf of user calls): ``Start``, ``SubmitJob``, ``FeedInput``,
-  ``InputFailed``, ``Consumed``, ``CancelJob``, ``CancelAll``, ``Close``, ``Terminate``;
+  ``InputFailed``, ``Consumed``, ``ReleaseWindow``, ``CancelJob``, ``CancelAll``,
+  ``Close``, ``Terminate``;
 * the driver, about its workers: ``WorkerStarted``, ``WorkerReady``, ``WorkerInitFailed``,
   ``RetireWorker``, ``TaskStarted``, ``TaskProgress``, ``TaskDone``, ``TaskSkipped``,
   ``SendFailed``, ``WorkerExited``;
@@ -16,6 +17,10 @@ Who sends what:
 
 Values (task items, results, exceptions) are opaque: the core never pickles, copies or
 looks inside them.
+
+Events and instructions are not frozen: building a frozen dataclass costs a
+``object.__setattr__`` call per field, which the pool pays several times per task.
+Treat them as immutable all the same.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "JobKind", "JobSpec", "CancelMode",
     "Event", "Start", "SubmitJob", "FeedInput", "InputFailed", "Consumed",
+    "ReleaseWindow",
     "CancelJob", "CancelAll", "Close", "Terminate", "Tick",
     "WorkerStarted", "WorkerReady", "WorkerInitFailed", "WorkerExited", "RetireWorker",
     "TaskStarted", "TaskProgress", "TaskDone", "TaskSkipped", "SendFailed",
@@ -42,6 +48,8 @@ def _new_stimulus_id() -> str:
 
 class JobKind(enum.Enum):
     """How a job's results go back to its caller."""
+
+    __hash__ = object.__hash__  # members are singletons: hash them at C speed
 
     APPLY = "apply"
     """One item; one ``ResolveJob`` whose value is that item's result
@@ -82,6 +90,14 @@ class JobSpec:
         length_hint: number of items, when known but fed lazily (caps adaptive chunks with
             the standard library's formula).
         label: names the work in error messages, e.g. the function's name.
+        batch_limit: with ``chunksize=1``, let the core put up to this many items in one
+            task once the job's items are measured to be short (about
+            ``PoolConfig.batch_target_seconds`` of work per task). The driver must then
+            answer every item of a task separately (an item's error is its result, not
+            the task's), and the core keeps single-item semantics for failures: when a
+            batched task's worker dies or times out, its items are handed back as tasks
+            of one item each, so only the item at fault fails (the others run again).
+            ``None``: never batch.
     """
 
     kind: JobKind
@@ -93,6 +109,7 @@ class JobSpec:
     cancel_on_error: bool = False
     length_hint: int | None = None
     label: str = ""
+    batch_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, JobKind):
@@ -100,6 +117,12 @@ class JobSpec:
         _check_positive_int("chunksize", self.chunksize, "or None to adapt it")
         _check_positive_int("max_in_flight", self.max_in_flight, "or None for no bound")
         _check_positive_int("length_hint", self.length_hint, "or None", allow_zero=True)
+        _check_positive_int("batch_limit", self.batch_limit, "or None to never batch")
+        if self.batch_limit is not None and (self.chunksize != 1
+                                             or self.kind is JobKind.APPLY):
+            raise ValueError(f"batch_limit only applies to jobs of chunksize=1 with many "
+                             f"items, not a {self.kind.name} job of chunksize="
+                             f"{self.chunksize!r}")
         if self.task_timeout is not None and not self.task_timeout > 0:
             raise ValueError(f"task_timeout must be a positive number of seconds or None, "
                              f"not {self.task_timeout!r}")
@@ -125,6 +148,8 @@ def _check_positive_int(name: str, value: int | None, alternative: str,
 class CancelMode(enum.Enum):
     """How far ``CancelJob`` goes."""
 
+    __hash__ = object.__hash__  # members are singletons: hash them at C speed
+
     PENDING_ONLY = "pending_only"
     """Cancel the job only if none of its tasks was ever sent to a worker; otherwise do
     nothing (``Future.cancel()`` as the standard library means it;
@@ -138,7 +163,7 @@ class CancelMode(enum.Enum):
     (``Future.cancel()`` on a running task, as manyproc extends it)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Event:
     """Base of all events: when it happened and what caused it."""
 
@@ -149,12 +174,12 @@ class Event:
 # --- from the face ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Start(Event):
     """The pool starts: the core may now ask for workers."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class SubmitJob(Event):
     """A new job. ``job_id`` is chosen by the driver and must not be in use.
 
@@ -168,7 +193,7 @@ class SubmitJob(Event):
     exhausted: bool = True
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class FeedInput(Event):
     """More input for a lazy job, normally in answer to ``RequestInput``.
 
@@ -182,7 +207,7 @@ class FeedInput(Event):
     exhausted: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class InputFailed(Event):
     """Reading a lazy job's input raised ``error``: the input ends there.
 
@@ -194,7 +219,7 @@ class InputFailed(Event):
     error: BaseException
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Consumed(Event):
     """The caller used up ``count`` more ``DeliverResults`` of this job (``ack_consumption``)."""
 
@@ -202,7 +227,16 @@ class Consumed(Event):
     count: int = 1
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
+class ReleaseWindow(Event):
+    """Nobody will consume this job's deliveries in step any more (its iterator was
+    dropped, or the pool was closed): stop waiting for ``Consumed`` and release each
+    task once delivered, so the job runs to its end. Ignored for a job that is over."""
+
+    job_id: int
+
+
+@dataclass(slots=True, kw_only=True)
 class CancelJob(Event):
     """Cancel a job (see ``CancelMode``). A job that no longer exists is ignored."""
 
@@ -210,7 +244,7 @@ class CancelJob(Event):
     mode: CancelMode = CancelMode.KILL
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class CancelAll(Event):
     """Ctrl-C: every pending job fails with ``error`` (or is cancelled if ``None``), every
     worker is killed; the pool itself goes on and starts new workers."""
@@ -218,7 +252,7 @@ class CancelAll(Event):
     error: BaseException | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Close(Event):
     """No new jobs; finish the pending ones, then stop the workers.
 
@@ -228,14 +262,14 @@ class Close(Event):
     cancel_pending: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Terminate(Event):
     """Kill every worker; every pending job fails with ``error`` (cancelled if ``None``)."""
 
     error: BaseException | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Tick(Event):
     """Time passed: deadlines up to ``now`` are due."""
 
@@ -243,7 +277,7 @@ class Tick(Event):
 # --- from the driver, about its workers ---------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class WorkerStarted(Event):
     """The worker asked for by ``SpawnWorker`` exists; it now runs its initializer."""
 
@@ -251,14 +285,14 @@ class WorkerStarted(Event):
     pid: int | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class WorkerReady(Event):
     """The worker finished its initializer and takes tasks."""
 
     worker_id: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class WorkerInitFailed(Event):
     """The worker's initializer raised ``error``; the worker is exiting."""
 
@@ -266,7 +300,7 @@ class WorkerInitFailed(Event):
     error: BaseException
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class WorkerExited(Event):
     """The worker is gone, for whatever reason; sent exactly once per ``SpawnWorker``.
 
@@ -280,7 +314,7 @@ class WorkerExited(Event):
     error: BaseException | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class RetireWorker(Event):
     """Replace this worker once the tasks it holds are done (e.g. its memory grew past a
     limit the driver watches). It gets no new task; it is then stopped like a worker that
@@ -289,7 +323,7 @@ class RetireWorker(Event):
     worker_id: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TaskStarted(Event):
     """Optional: the worker began the task at the head of its line (sharpens deadlines
     when tasks are prefetched)."""
@@ -298,7 +332,7 @@ class TaskStarted(Event):
     task_id: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TaskProgress(Event):
     """Optional: ``items_done`` items of the running task are finished (sharpens the
     timeout of a chunk to the items it has left)."""
@@ -308,7 +342,7 @@ class TaskProgress(Event):
     items_done: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TaskDone(Event):
     """The worker finished the task at the head of its line.
 
@@ -325,7 +359,7 @@ class TaskDone(Event):
     duration: float | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TaskSkipped(Event):
     """The worker skipped a task the core revoked (``RevokeTask``) before it began it."""
 
@@ -333,7 +367,7 @@ class TaskSkipped(Event):
     task_id: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class SendFailed(Event):
     """The driver could not send this task (e.g. an item does not pickle); nothing of it
     reached the worker, which is fine. The task fails with ``error``."""

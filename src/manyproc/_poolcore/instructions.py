@@ -44,6 +44,8 @@ __all__ = [
 class Outcome(enum.Enum):
     """How a job ended."""
 
+    __hash__ = object.__hash__  # members are singletons: hash them at C speed
+
     OK = "ok"
     ERROR = "error"
     CANCELLED = "cancelled"
@@ -51,6 +53,8 @@ class Outcome(enum.Enum):
 
 class Reason(enum.Enum):
     """Why a worker is stopped or killed."""
+
+    __hash__ = object.__hash__  # members are singletons: hash them at C speed
 
     TIMEOUT = "timeout"
     """It ran a task past its task_timeout."""
@@ -72,14 +76,14 @@ class Reason(enum.Enum):
     """It was not ready within start_timeout."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Instruction:
     """Base of all instructions: the stimulus that led to it."""
 
     stimulus_id: str = ""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class SpawnWorker(Instruction):
     """Start a new worker; ``slot`` (0..processes-1) is the place it takes in the pool."""
 
@@ -87,7 +91,7 @@ class SpawnWorker(Instruction):
     slot: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class SendTask(Instruction):
     """Send a task to a worker: run the job's function over ``items`` (item ``i`` of the
     task is item ``start + i`` of the job's input)."""
@@ -99,7 +103,7 @@ class SendTask(Instruction):
     items: Sequence[object]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class RevokeTask(Instruction):
     """Tell the worker to skip a task it was sent and has not begun."""
 
@@ -107,7 +111,7 @@ class RevokeTask(Instruction):
     task_id: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class StopWorker(Instruction):
     """Ask a worker to exit; it holds no task."""
 
@@ -115,7 +119,7 @@ class StopWorker(Instruction):
     reason: Reason
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class KillWorker(Instruction):
     """Kill a worker now. Whatever it held has already been resolved or handed back."""
 
@@ -123,7 +127,7 @@ class KillWorker(Instruction):
     reason: Reason
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class RequestInput(Instruction):
     """Read up to ``count`` more input items of a lazy job and send them with FeedInput."""
 
@@ -131,7 +135,7 @@ class RequestInput(Instruction):
     count: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class DeliverResults(Instruction):
     """Results of items ``start`` to ``stop - 1`` of a streaming job.
 
@@ -148,7 +152,7 @@ class DeliverResults(Instruction):
     error: BaseException | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class JobProgress(Instruction):
     """``done`` items of the job are finished (successfully or not) out of ``total``
     (``None`` while a lazy input has not ended)."""
@@ -158,7 +162,7 @@ class JobProgress(Instruction):
     total: int | None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class ResolveJob(Instruction):
     """The job's final outcome; sent exactly once per job.
 
@@ -173,6 +177,6 @@ class ResolveJob(Instruction):
     error: BaseException | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class PoolStopped(Instruction):
     """The pool is closed, terminated or broken and its last worker exited."""

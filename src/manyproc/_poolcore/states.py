@@ -20,6 +20,8 @@ __all__ = [
 class TaskState(enum.Enum):
     """Where one task (one chunk of a job's input) is in its life."""
 
+    __hash__ = object.__hash__  # members are singletons: hash them at C speed
+
     QUEUED = "queued"
     """Cut from its job's input, or handed back after a worker went away; waits for a worker."""
     SENT = "sent"
@@ -64,6 +66,8 @@ del T
 class WorkerState(enum.Enum):
     """Where one worker (one process, thread or remote slot) is in its life."""
 
+    __hash__ = object.__hash__  # members are singletons: hash them at C speed
+
     SPAWNING = "spawning"
     """Asked for (``SpawnWorker``); the driver has not reported it started yet."""
     STARTING = "starting"
@@ -92,6 +96,8 @@ del W
 
 class PoolState(enum.Enum):
     """What the user did to the pool, or what happened to it."""
+
+    __hash__ = object.__hash__  # members are singletons: hash them at C speed
 
     RUNNING = "running"
     """Takes new jobs."""
