@@ -29,9 +29,12 @@ from __future__ import annotations
 import hmac
 import os
 import time
-from typing import Any
 
 from ._errors import AuthenticationError
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["deliver_challenge", "answer_challenge", "MAX_MESSAGE"]
 

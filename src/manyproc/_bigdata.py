@@ -85,10 +85,13 @@ import select
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from . import reduction, util
 from ._os import shm
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "DEFAULT_THRESHOLD", "SharedBufferError", "get_threshold", "set_threshold",

@@ -20,9 +20,12 @@ import os
 import struct
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from ._os.waiting import wait_readable
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "FrameError", "header_for", "payload_size", "write_frame", "write_frames", "read_frame",

@@ -32,11 +32,14 @@ import itertools
 import os
 import socket
 from collections.abc import Iterable
-from typing import Any, NoReturn
 
 from . import _auth, _bigdata, _wire, reduction, util
 from ._errors import AuthenticationError, BufferTooShort
 from ._os.waiting import wait_readable
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 __all__ = ["Client", "Listener", "Pipe", "wait"]
 

@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import threading
-import traceback
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 
@@ -296,6 +295,8 @@ class BaseProcess:
             exitcode = _exitcode_of(exc.code)
         except BaseException:
             exitcode = 1
+            import traceback
+
             sys.stderr.write(f"Process {self.name}:\n")
             traceback.print_exc()
         finally:

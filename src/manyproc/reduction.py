@@ -26,9 +26,12 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from . import util
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "send_handle", "recv_handle", "ForkingPickler", "register", "dump", "DupFd",

@@ -13,7 +13,10 @@ Each provides a :class:`~manyproc._backends.base.WorkerBackend`; the
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["get_backend", "BACKENDS"]
 

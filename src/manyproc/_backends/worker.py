@@ -39,9 +39,12 @@ import sys
 import time
 from collections import deque
 from itertools import starmap
-from typing import Any
 
 from manyproc import reduction
+
+TYPE_CHECKING = False  # typing costs import time in every child; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["main", "ChildFd"]
 
