@@ -86,8 +86,28 @@ __all__ = [
     "get_start_method", "log_to_stderr", "parent_process", "reducer", "set_executable",
     "set_forkserver_preload", "set_start_method",
     # manyproc's additions
-    "TaskTimeoutError", "WorkerLostError",
+    "TaskTimeoutError", "WorkerLostError", "BrokenPoolError", "PoolClosedError",
+    "RemoteTaskError",
 ]
+
+# Errors of the pools, loaded on first use: a worker process imports manyproc at start-up
+# and should not pay for the pool machinery.
+_LAZY_NAMES = {
+    "BrokenPoolError": "manyproc._poolcore.errors",
+    "PoolClosedError": "manyproc._poolcore.errors",
+    "RemoteTaskError": "manyproc._backends.remote",
+}
+
+
+def __getattr__(name: str) -> object:
+    module_name = _LAZY_NAMES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'manyproc' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
 
 # Children re-import the parent's main script as ``__mp_main__``; alias it here too, so
 # objects pickled by reference from either side resolve in the other.

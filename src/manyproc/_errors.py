@@ -150,3 +150,10 @@ class TaskTimeoutError(TimeoutError, builtins.TimeoutError):
 def _rebuild_task_timeout(message: str | None, timeout: float | None, task: Any,
                           pid: int | None) -> TaskTimeoutError:
     return TaskTimeoutError(message, timeout=timeout, task=task, pid=pid)
+
+
+# Tracebacks and pickles name these by their public home.
+for _public in (ProcessError, BufferTooShort, AuthenticationError, TimeoutError,
+                TaskTimeoutError, WorkerLostError):
+    _public.__module__ = "manyproc"
+del _public

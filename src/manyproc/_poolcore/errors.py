@@ -95,3 +95,8 @@ def _rebuild_broken(message: str | None, failures: int, exitcode: int | None) ->
 
 class PoolClosedError(ProcessError, ValueError, RuntimeError):
     """Work was submitted after the pool was closed or terminated."""
+
+
+# Tracebacks and pickles name these by their public home (manyproc loads them lazily).
+BrokenPoolError.__module__ = "manyproc"
+PoolClosedError.__module__ = "manyproc"
