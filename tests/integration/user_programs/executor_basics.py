@@ -2,9 +2,8 @@
 import concurrent.futures as cf
 import sys
 
-from manyproc.futures import ProcessPoolExecutor
-
 import manyproc as mp
+from manyproc.futures import ProcessPoolExecutor
 
 
 def is_prime(n):
