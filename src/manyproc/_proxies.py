@@ -27,7 +27,6 @@ import collections
 import collections.abc
 import sys
 import threading
-import time
 import types
 import weakref
 from collections.abc import Callable, Iterator
@@ -462,17 +461,7 @@ class ConditionProxy(AcquirerProxy):
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
         """Wait until ``predicate()`` is true (evaluated here) or ``timeout`` seconds pass."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        result = predicate()
-        while not result:
-            remaining = None
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-            self.wait(remaining)
-            result = predicate()
-        return result
+        return util.wait_for_predicate(self.wait, predicate, timeout)
 
 
 class EventProxy(BaseProxy):

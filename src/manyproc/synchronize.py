@@ -20,7 +20,6 @@ arguments or pool initializer arguments), never through queues or pipes.
 from __future__ import annotations
 
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -369,17 +368,7 @@ class Condition:
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
         """Wait until ``predicate()`` is true or ``timeout`` seconds pass; return its last value."""
-        result = predicate()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not result:
-            remaining = None
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-            self.wait(remaining)
-            result = predicate()
-        return result
+        return util.wait_for_predicate(self.wait, predicate, timeout)
 
     def notify(self, n: int = 1) -> None:
         """Wake up to ``n`` of the processes or threads waiting now."""

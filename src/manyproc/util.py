@@ -331,6 +331,30 @@ def _set_temp_dir(path: str | None) -> None:
     _temp_dir["path"] = path
 
 
+# --------------------------------------------------------------------------- waiting
+
+
+def wait_for_predicate(wait: Callable[[float | None], Any], predicate: Callable[[], Any],
+                       timeout: float | None) -> Any:
+    """``Condition.wait_for`` on top of a ``wait(timeout)``: return the predicate's last value.
+
+    Used by the cross-process condition and by the manager's condition proxy.
+    """
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    result = predicate()
+    while not result:
+        remaining = None
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+        wait(remaining)
+        result = predicate()
+    return result
+
+
 # --------------------------------------------------------------------------- sockets
 
 # Linux names AF_UNIX sockets in an abstract namespace (a leading NUL byte): no file to
