@@ -755,16 +755,7 @@ class PoolCore:
         self._log("worker", w.worker_id, "exited: {}", how)
         if not expected:
             self._vacate(w, "restart")
-        line = list(w.line)
-        w.line.clear()
-        for task in line:
-            self._add_busy(w, task)
-            if task.state is _ABANDONED:
-                self._drop(task)
-            elif task.state is _RUNNING:
-                self._lose(task, w, ev.exitcode)
-            else:
-                self._requeue(task)
+        self._empty_line(w, died=True, exitcode=ev.exitcode)
         if not w.ready and (not expected or w.init_error is not None or w.start_timed_out):
             self._start_failures += 1
             self._counters.start_failures += 1
@@ -1445,12 +1436,22 @@ class PoolCore:
         self._move_worker(w, WorkerState.KILLING)
         self._idle.pop(w.worker_id, None)
         self._vacate(w, "restart")
+        self._empty_line(w)
+
+    def _empty_line(self, w: _Worker, died: bool = False, exitcode: int | None = None) -> None:
+        """Settle every task in ``w``'s line now that ``w`` is gone (or going).
+
+        Abandoned tasks are dropped; if ``w`` died (with ``exitcode``) the task it was
+        running is lost; everything else never began and goes back to the queue.
+        """
         line = list(w.line)
         w.line.clear()
         for task in line:
             self._add_busy(w, task)
             if task.state is _ABANDONED:
                 self._drop(task)
+            elif died and task.state is _RUNNING:
+                self._lose(task, w, exitcode)
             else:
                 self._requeue(task)
 
