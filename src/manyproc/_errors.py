@@ -99,8 +99,10 @@ class WorkerLostError(ProcessError, BrokenExecutor):
             except ValueError:
                 self.signal_name = f"signal {-exitcode}"
         if message is None:
+            how = ("ended (its exit status is unknown)" if exitcode is None
+                   else describe_exitcode(exitcode))
             message = (
-                f"worker process (pid {pid}) {describe_exitcode(exitcode)} while running "
+                f"worker process (pid {pid}) {how} while running "
                 f"{task if task is not None else 'a task'}"
             )
             hint = _DEATH_HINTS.get(exitcode) if exitcode is not None else None

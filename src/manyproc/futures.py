@@ -21,6 +21,9 @@ objects, so ``as_completed``, ``wait``, ``asyncio.wrap_future`` and
 * ``map(..., progress=True)`` shows a progress bar; functions defined by value
   (lambdas, closures, ``__main__`` of a notebook) work.
 
+``backend="dask"`` (keyword-only) runs the calls on a Dask cluster with the same
+semantics and the same ``PoolFuture`` type (see ``manyproc._backends.dask``).
+
 ``ThreadPoolExecutor`` is the same on threads (nothing is pickled; timeouts and
 kill-on-cancel abandon the thread instead of killing it).
 """
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures._base import (
@@ -49,13 +52,16 @@ from ._os.cpus import usable_cpu_count
 from ._poolcore import CancelMode, JobKind, JobSpec, PoolConfig
 from ._progress import make_bar
 from .pool import (
+    _REMOTE_BACKENDS,
     BATCH_LIMIT,
     DEEP_PREFETCH,
     PREFETCH,
     IMapIterator,
     _apply_spec,
+    _check_backend,
     _check_timeout,
     _label,
+    _open_remote_backend,
     _StreamSink,
 )
 
@@ -182,20 +188,33 @@ class ProcessPoolExecutor(Executor):
         task_timeout: keyword-only; seconds a call (or a map item) may run before its
             worker is killed and the future fails with ``TaskTimeoutError``.
         kill_on_cancel: keyword-only; ``cancel()`` on a running future kills its worker.
+        backend: keyword-only; ``"processes"`` (the default), ``"threads"`` or ``"dask"``
+            (calls run on a Dask cluster with the same semantics; ``max_workers=None``
+            then means the cluster's threads). See ``manyproc.Pool``.
+        backend_options: keyword-only; for ``"dask"``: ``client``, ``address``,
+            ``cluster_options``, ``submit_options`` (see ``manyproc.Pool``).
 
     Raises:
-        ValueError: ``max_workers`` < 1 or ``max_tasks_per_child`` < 1.
-        TypeError: ``initializer`` is not callable.
+        ValueError: ``max_workers`` < 1 or ``max_tasks_per_child`` < 1, or an unknown
+            ``backend`` (the message lists the valid ones).
+        TypeError: ``initializer`` is not callable, or ``backend_options`` holds a key the
+            backend does not support (the message names it).
     """
 
     _thread_name = "ProcessPoolExecutor"
+    _backend_name = "processes"
 
     def __init__(self, max_workers: int | None = None, mp_context: Any = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
                  *, max_tasks_per_child: int | None = None, task_timeout: float | None = None,
-                 kill_on_cancel: bool = False) -> None:
+                 kill_on_cancel: bool = False, backend: str | None = None,
+                 backend_options: Mapping[str, Any] | None = None) -> None:
+        kind = _check_backend(self._backend_name if backend is None else backend,
+                              backend_options, context=mp_context, maxtasks=max_tasks_per_child)
+        self._backend_kind = kind
         if max_workers is None:
-            max_workers = self._default_workers()
+            if kind not in _REMOTE_BACKENDS:
+                max_workers = self._default_workers()
         elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
             raise TypeError(f"max_workers must be an int or None, not {max_workers!r}")
         elif max_workers <= 0:
@@ -208,18 +227,28 @@ class ProcessPoolExecutor(Executor):
                                 f"{max_tasks_per_child!r}")
             if max_tasks_per_child <= 0:
                 raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child}")
-        self._max_workers = max_workers
         self._max_tasks = max_tasks_per_child
         self._task_timeout = _check_timeout(task_timeout)
         self._kill_on_cancel = bool(kill_on_cancel)
         self._shutdown_lock = threading.Lock()
         self._shutdown_thread = False
-        backend = self._make_backend(max_workers, initializer, tuple(initargs), mp_context)
-        self._functions = getattr(backend, "functions", None)
-        config = PoolConfig(processes=max_workers, maxtasksperchild=max_tasks_per_child,
-                            prefetch=PREFETCH, deep_prefetch=DEEP_PREFETCH, eager_spawn=False,
-                            max_start_failures=1)
-        self._driver = Driver(backend, config, name=f"{self._thread_name}-{id(self):x}")
+        if kind in _REMOTE_BACKENDS:
+            backend_obj = _open_remote_backend(kind, max_workers, initializer, tuple(initargs),
+                                               backend_options)
+            max_workers = backend_obj.processes
+        else:
+            assert max_workers is not None
+            backend_obj = self._make_backend(max_workers, initializer, tuple(initargs), mp_context)
+        assert max_workers is not None
+        self._max_workers: int = max_workers
+        self._functions = getattr(backend_obj, "functions", None)
+        self._batch_limit: int = getattr(backend_obj, "batch_limit", BATCH_LIMIT)
+        config = PoolConfig(**{"processes": max_workers,
+                               "maxtasksperchild": max_tasks_per_child,
+                               "prefetch": PREFETCH, "deep_prefetch": DEEP_PREFETCH,
+                               "eager_spawn": False, "max_start_failures": 1,
+                               **getattr(backend_obj, "pool_config", {})})
+        self._driver = Driver(backend_obj, config, name=f"{self._thread_name}-{id(self):x}")
         self._driver.start()
         self._finalizer = util.Finalize(self, _finalize_executor, (self._driver,),
                                         exitpriority=15)
@@ -230,6 +259,10 @@ class ProcessPoolExecutor(Executor):
 
     def _make_backend(self, workers: int, initializer: Any, initargs: tuple[Any, ...],
                       context: Any) -> Any:
+        if self._backend_kind == "threads":
+            from ._backends.thread import ThreadBackend
+
+            return ThreadBackend(workers, initializer, initargs)
         from ._backends.local import ProcessBackend
 
         if context is None:
@@ -318,7 +351,7 @@ class ProcessPoolExecutor(Executor):
                 source = zip(*iterables)  # noqa: B905 - the stdlib stops at the shortest
                 length = None
             bar = make_bar(progress, length, _label(fn))
-            batch = BATCH_LIMIT if chunksize == 1 and self._max_tasks is None else None
+            batch = self._batch_limit if chunksize == 1 and self._max_tasks is None else None
             call = _wire.CALL_STAR_EACH if batch else _wire.CALL_STAR
             sink = _StreamSink(self._driver, fn, call, "map", bar, acks=buffersize is not None)
             iterator = IMapIterator(sink)
@@ -388,6 +421,7 @@ class ThreadPoolExecutor(ProcessPoolExecutor):
     """
 
     _thread_name = "ThreadPoolExecutor"
+    _backend_name = "threads"
 
     def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "",
                  initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),

@@ -37,7 +37,10 @@ What manyproc adds, all keyword-only or new methods:
 * Ctrl-C in a blocking call raises ``KeyboardInterrupt`` at once: pending work is
   cancelled and the workers are killed (they ignore SIGINT themselves);
 * workers are not daemonic, so a task may start its own pool; they still never outlive
-  the parent (they watch it) nor block its exit (the pool terminates them at exit).
+  the parent (they watch it) nor block its exit (the pool terminates them at exit);
+* ``backend="dask"`` (keyword-only, with ``backend_options``): the same API and the same
+  semantics on a Dask cluster (timeouts and kill-on-cancel restart the Dask worker that
+  runs the task, a lost worker fails only its task); see ``manyproc._backends.dask``.
 """
 
 from __future__ import annotations
@@ -453,6 +456,55 @@ def _statistics(core: CoreStatistics, budget: CpuBudget | None) -> PoolStatistic
 # --- the pool ------------------------------------------------------------------------------
 
 
+#: backends whose workers live elsewhere: they take ``backend_options`` and size the pool
+_REMOTE_BACKENDS = ("dask",)
+
+
+def _check_backend(name: Any, options: Any, *, context: Any = None,
+                   maxtasks: Any = None) -> str:
+    """Check a ``backend=`` name (and what goes with it) before anything starts.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones), or an argument
+            that has no meaning with that backend.
+        TypeError: ``backend_options`` for a backend that takes none.
+    """
+    from ._backends import BACKENDS
+
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"unknown pool backend {name!r}; choose one of "
+                         f"{', '.join(repr(n) for n in BACKENDS)}")
+    if name not in _REMOTE_BACKENDS:
+        if options:
+            keys = sorted(options) if isinstance(options, Mapping) else options
+            raise TypeError(f"the {name!r} backend takes no backend_options, got {keys!r}; "
+                            "backend_options are for backend='dask'")
+        return name
+    if context is not None:
+        raise ValueError(f"context= chooses how local worker processes start; it has no "
+                         f"meaning with backend={name!r} (got {context!r}): leave it out")
+    if maxtasks is not None:
+        raise ValueError(f"maxtasksperchild / max_tasks_per_child ({maxtasks!r}) is not "
+                         f"supported with backend={name!r}: Dask recycles its own worker "
+                         "processes (distributed.worker.memory.terminate); leave it out")
+    return name
+
+
+def _open_remote_backend(name: str, processes: int | None, initializer: Any,
+                         initargs: tuple[Any, ...], options: Any) -> Any:
+    """Load the backend module by name (only now: e.g. dask is imported only if chosen)."""
+    from ._backends import get_backend
+
+    try:
+        cls = get_backend(name)
+    except ImportError as exc:
+        missing = exc.name or name
+        raise ImportError(f"backend={name!r} needs the optional dependency {missing!r}, "
+                          f"which cannot be imported ({exc}): pip install 'manyproc[{name}]'",
+                          name=missing) from exc
+    return cls(processes, initializer, initargs, options)
+
+
 def _finalize_pool(driver: Driver) -> None:
     """Stop a pool that was collected or is still running at exit: workers are killed.
 
@@ -482,10 +534,20 @@ class Pool:
         task_timeout: keyword-only; seconds each item of every task may run before its
             worker is killed and the task fails with ``TaskTimeoutError``. Each call can
             set its own.
+        backend: keyword-only; what runs the workers: ``"processes"`` (the default),
+            ``"threads"``, or ``"dask"`` (a Dask cluster, with the same semantics: see
+            ``manyproc._backends.dask``; ``processes=None`` then means the cluster's threads).
+        backend_options: keyword-only; for ``"dask"``: ``client`` (a
+            ``distributed.Client``) or ``address`` (the scheduler's), else the pool starts
+            a ``LocalCluster`` of ``processes`` workers (``cluster_options`` are passed to
+            it) and closes it with the pool; ``submit_options`` (``priority``,
+            ``resources``, ``annotations``) go to each ``Client.submit``.
 
     Raises:
-        ValueError: ``processes`` < 1, or ``maxtasksperchild`` not a positive int.
-        TypeError: ``initializer`` is not callable.
+        ValueError: ``processes`` < 1, or ``maxtasksperchild`` not a positive int, or an
+            unknown ``backend`` (the message lists the valid ones).
+        TypeError: ``initializer`` is not callable, or ``backend_options`` holds a key the
+            backend does not support (the message names it).
         OSError: a worker could not be started (those already started are stopped).
     """
 
@@ -494,16 +556,22 @@ class Pool:
     def __init__(self, processes: int | None = None,
                  initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
                  maxtasksperchild: int | None = None, context: Any = None, *,
-                 task_timeout: float | None = None) -> None:
+                 task_timeout: float | None = None, backend: str | None = None,
+                 backend_options: Mapping[str, Any] | None = None) -> None:
         self._state = INIT
+        self._backend_kind = _check_backend(
+            self._backend_name if backend is None else backend, backend_options,
+            context=context, maxtasks=maxtasksperchild)
         budget: CpuBudget | None = None
-        if processes is None:
+        if processes is None and self._backend_kind not in _REMOTE_BACKENDS:
             budget = cpu_budget()
             processes = budget.count
-        if isinstance(processes, bool) or not isinstance(processes, int):
+        if processes is None:
+            pass  # the remote backend sizes the pool from its cluster
+        elif isinstance(processes, bool) or not isinstance(processes, int):
             raise TypeError(f"processes must be an int or None, not {processes!r} "
                             f"({type(processes).__name__})")
-        if processes < 1:
+        elif processes < 1:
             raise ValueError(f"Number of processes must be at least 1, got {processes}; pass "
                              "processes=None to use every CPU this process may use")
         if maxtasksperchild is not None and (
@@ -515,23 +583,39 @@ class Pool:
             raise TypeError(f"initializer must be a callable, not {initializer!r} "
                             f"({type(initializer).__name__})")
         self._task_timeout = _check_timeout(task_timeout)
-        self._processes = processes
         self._budget = budget
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._maxtasksperchild = maxtasksperchild
         self._ctx = context
-        backend = self._make_backend(processes, initializer, self._initargs, context)
-        config = PoolConfig(processes=processes, maxtasksperchild=maxtasksperchild,
-                            prefetch=PREFETCH, deep_prefetch=DEEP_PREFETCH, eager_spawn=True)
-        self._driver = Driver(backend, config, name=f"{type(self).__name__}-{id(self):x}")
-        self._functions = getattr(backend, "functions", None)
+        if self._backend_kind in _REMOTE_BACKENDS:
+            backend_obj = _open_remote_backend(self._backend_kind, processes, initializer,
+                                               self._initargs, backend_options)
+            processes = backend_obj.processes
+        else:
+            assert processes is not None
+            backend_obj = self._make_backend(processes, initializer, self._initargs, context)
+        assert processes is not None
+        self._processes: int = processes
+        self._batch_limit: int = getattr(backend_obj, "batch_limit", BATCH_LIMIT)
+        self._window_per_worker: int = getattr(backend_obj, "imap_window_per_worker",
+                                               IMAP_WINDOW_PER_WORKER)
+        config = PoolConfig(**{"processes": processes, "maxtasksperchild": maxtasksperchild,
+                               "prefetch": PREFETCH, "deep_prefetch": DEEP_PREFETCH,
+                               "eager_spawn": True,
+                               **getattr(backend_obj, "pool_config", {})})
+        self._driver = Driver(backend_obj, config, name=f"{type(self).__name__}-{id(self):x}")
+        self._functions = getattr(backend_obj, "functions", None)
         self._driver.start()
         self._state = RUN
         self._finalizer = util.Finalize(self, _finalize_pool, (self._driver,), exitpriority=15)
 
     def _make_backend(self, processes: int, initializer: Any, initargs: tuple[Any, ...],
                       context: Any) -> Any:
+        if self._backend_kind == "threads":
+            from ._backends.thread import ThreadBackend
+
+            return ThreadBackend(processes, initializer, initargs)
         from ._backends.local import ProcessBackend
 
         if context is None:
@@ -667,7 +751,7 @@ class Pool:
         length: int | None = len(iterable) if whole else _length_hint(iterable)  # type: ignore[arg-type]
         bar = make_bar(progress, length, _label(func))
         kind = "imap" if cls._kind is JobKind.IMAP else "imap_unordered"
-        batch = BATCH_LIMIT if chunksize == 1 and self._maxtasksperchild is None else None
+        batch = self._batch_limit if chunksize == 1 and self._maxtasksperchild is None else None
         call = _wire.CALL_ONE_EACH if batch else _wire.CALL_ONE
         sink = _StreamSink(self._driver, func, call, kind, bar, acks=True)
         iterator = cls(sink)
@@ -676,7 +760,7 @@ class Pool:
         except Exception as exc:  # noqa: BLE001 - raised by next(), like a task's error
             sink.on_resolve(False, False, None, exc)
             return iterator
-        window = max(16, IMAP_WINDOW_PER_WORKER * self._processes)
+        window = max(16, self._window_per_worker * self._processes)
         spec = JobSpec(kind=cls._kind, chunksize=chunksize, task_timeout=timeout,
                        max_in_flight=window, ack_consumption=True, progress=bar is not None,
                        length_hint=length, label=sink.label, batch_limit=batch)

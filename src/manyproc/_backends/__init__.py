@@ -4,7 +4,8 @@
 dependencies are imported only when it is chosen:
 
 * ``"processes"``: worker processes on this machine (:mod:`.local`), the default;
-* ``"threads"``: worker threads in this process (:mod:`.thread`).
+* ``"threads"``: worker threads in this process (:mod:`.thread`);
+* ``"dask"``: virtual workers on a Dask cluster (:mod:`.dask`; needs ``distributed``).
 
 Each provides a :class:`~manyproc._backends.base.WorkerBackend`; the
 :class:`~manyproc._backends.driver.Driver` runs the pool core on top of it.
@@ -24,6 +25,7 @@ __all__ = ["get_backend", "BACKENDS"]
 BACKENDS = {
     "processes": ("manyproc._backends.local", "ProcessBackend"),
     "threads": ("manyproc._backends.thread", "ThreadBackend"),
+    "dask": ("manyproc._backends.dask", "DaskBackend"),
 }
 
 
