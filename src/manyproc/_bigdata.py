@@ -438,7 +438,7 @@ class Backlog:
             return
         delay = 0.0002
         while True:
-            self._prune()
+            self.prune()
             if self.total + ref.size <= limit:
                 return
             if _peer_gone(fd):
@@ -459,7 +459,8 @@ class Backlog:
         if entries:
             _forget([name for name, _ in entries], unlink=True)
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
+        """Forget the messages the reader has taken."""
         kept = [(name, n) for name, n in self.entries if _exists(name)]
         self.entries = kept
         self.total = sum(n for _, n in kept)

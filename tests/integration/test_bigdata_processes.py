@@ -375,3 +375,32 @@ def test_a_stdlib_reader_on_our_pipe_still_gets_the_object():
     with a, theirs:
         a.send(np.ones(T // 8))
         assert (theirs.recv() == 1).all()
+
+
+# --------------------------------------------------------------------------- pools
+
+
+def describe_and_transform(obj):
+    return describe(obj), transform(obj)
+
+
+def test_pool_tasks_and_results_go_through_shared_memory(ctx):
+    sent = [obj for _, obj in messages()]
+    with ctx.Pool(2) as pool:
+        answers = pool.map(describe_and_transform, sent, chunksize=1)
+    for obj, (info, received) in zip(sent, answers):
+        check(obj, received, info)
+        if isinstance(received, np.ndarray) and received.nbytes >= T:
+            assert mapped_from_shm(received)  # the result came back without a copy too
+
+
+def test_big_tasks_a_killed_worker_never_took_are_freed(ctx):
+    """Big arguments queued behind a hung task are freed when its worker is killed."""
+    big = np.ones(2 * T // 8)
+    with ctx.Pool(1) as pool:
+        hung = pool.apply_async(time.sleep, (60,), task_timeout=1.5)
+        queued = [pool.apply_async(np.sum, (big,)) for _ in range(3)]
+        with pytest.raises(mp.TaskTimeoutError):
+            hung.get(30)
+        # the queued tasks were sent to the killed worker's pipe: they run again elsewhere
+        assert [r.get(30) for r in queued] == [big.sum()] * 3

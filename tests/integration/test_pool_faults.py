@@ -296,3 +296,21 @@ def test_timeouts_fire_with_nobody_waiting(pool):
     pool.apply_async(sleep_then, (60,), task_timeout=0.5, error_callback=on_error)
     assert done.wait(20)
     assert isinstance(errors[0], manyproc.TaskTimeoutError)
+
+
+def test_a_late_wakeup_never_writes_into_a_reused_fd(ctx):
+    """Garbage-collector callbacks may wake a pool after it closed: the freed fd numbers,
+    reused by another pipe of this process, must not receive the wake-up byte."""
+    pool = Pool(1, context=ctx)
+    pool.close()
+    pool.join()
+    r, w = os.pipe()  # likely takes the numbers the pool's wake-up pipe had
+    try:
+        pool._driver.release_window_later(0)
+        pool._driver.terminate_soon()
+        os.set_blocking(r, False)
+        os.write(w, b"mine")
+        assert os.read(r, 100) == b"mine"
+    finally:
+        os.close(r)
+        os.close(w)

@@ -668,4 +668,8 @@ class Driver:
             self._closed = True
             self._feeder_cond.notify_all()
             self._cond.notify_all()
+            while self._leader and self._leader != _get_ident():
+                # a round is polling the fds close() is about to free: let it end first
+                self.backend.wakeup()
+                self._cond.wait(0.1)
         self.backend.close()

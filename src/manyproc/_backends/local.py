@@ -24,7 +24,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
-from manyproc import reduction, util
+from manyproc import _bigdata, reduction, util
 from manyproc._os.fds import close_quietly, mark_private
 from manyproc._poolcore import (
     Event,
@@ -115,7 +115,7 @@ class _Proc:
 
     __slots__ = ("worker_id", "slot", "process", "pid", "sentinel", "task_w", "result_r",
                  "out", "out_offset", "queued", "watch_out", "buffer", "known", "line", "eof",
-                 "exited")
+                 "exited", "in_shm")
 
     def __init__(self, worker_id: int, slot: int, process: Any, task_w: int,
                  result_r: int) -> None:
@@ -135,6 +135,7 @@ class _Proc:
         self.line: deque[tuple[int, JobRecord, int]] = deque()  # (task, job, start) sent
         self.eof = False
         self.exited = False
+        self.in_shm = _bigdata.Backlog()  # big tasks sent through shared memory, maybe unread
 
 
 class ProcessBackend(WorkerBackend):
@@ -159,6 +160,7 @@ class ProcessBackend(WorkerBackend):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         mark_private(self._wake_r, self._wake_w)
+        self._wake_lock = threading.Lock()
         self._fdmap: dict[int, tuple[int, _Proc | None]] = {self._wake_r: (_WAKE, None)}
         self._poller: Any = None
         self._dirty = True
@@ -214,7 +216,8 @@ class ProcessBackend(WorkerBackend):
             if len(known) > WORKER_FUNCTION_CACHE:
                 drop = known.popitem(last=False)[0]
         try:
-            payload = _dumps((wire.TASK, task_id, fkey, fblob, drop, items))
+            # big arrays in the arguments travel through shared memory, not the pipe
+            payload = _bigdata.dumps((wire.TASK, task_id, fkey, fblob, drop, items))
         except Exception as exc:  # noqa: BLE001 - an argument that cannot be pickled
             if fblob is not None:
                 del known[fkey]
@@ -222,6 +225,8 @@ class ProcessBackend(WorkerBackend):
                     known[drop] = None
                     known.move_to_end(drop, last=False)
             return exc
+        if getattr(payload, "segment", ""):
+            proc.in_shm.sent(payload)  # type: ignore[arg-type]
         proc.line.append((task_id, job, start))
         self._write(proc, _frame(payload))
         return None
@@ -327,10 +332,15 @@ class ProcessBackend(WorkerBackend):
     def wakeup(self) -> None:
         if not self._woken:
             self._woken = True
-            try:
-                os.write(self._wake_w, b"!")
-            except OSError:
-                pass
+            # Under the lock, so close() cannot free the pipe between the check and the
+            # write: a write to a closed pipe's reused fd number would corrupt another
+            # connection of this process.
+            with self._wake_lock:
+                if self._wake_w >= 0:
+                    try:
+                        os.write(self._wake_w, b"!")
+                    except OSError:
+                        pass
 
     def poll(self, timeout: float | None) -> list[Event]:
         try:
@@ -381,6 +391,8 @@ class ProcessBackend(WorkerBackend):
         proc.buffer.feed(chunk, messages)
         for message in messages:
             self._pending.append(self._decode(proc, message, now))
+        if proc.in_shm.entries and messages:
+            proc.in_shm.prune()  # answered tasks were taken
         return True
 
     def _decode(self, proc: _Proc, message: tuple[Any, ...], now: float) -> Event:
@@ -432,6 +444,8 @@ class ProcessBackend(WorkerBackend):
         if self._slots[proc.slot] is not proc:
             _close_process(proc.process)  # replaced already: Pool._pool no longer shows it
         close_quietly(proc.task_w, proc.result_r)
+        proc.in_shm.prune()
+        proc.in_shm.abandon()  # the big tasks it never took
         proc.out = []
         proc.line.clear()
         self._dirty = True
@@ -450,7 +464,9 @@ class ProcessBackend(WorkerBackend):
             return
         self._closed = True
         self.kill_all_now()
-        close_quietly(self._wake_r, self._wake_w)
+        with self._wake_lock:
+            close_quietly(self._wake_r, self._wake_w)
+            self._wake_r = self._wake_w = -1
         for proc in self._slots:
             if proc is not None:
                 _close_process(proc.process)

@@ -86,6 +86,8 @@ _unpack_from = HEADER.unpack_from
 _dumps = reduction.dumps
 _loads = pickle.loads
 _plain_dumps = pickle.dumps
+#: a plain pickle this big may hold byte strings worth sending through shared memory
+_BIG_RESULT = 1 << 20
 
 
 def dumps_result(obj: Any) -> bytes:
@@ -94,21 +96,20 @@ def dumps_result(obj: Any) -> bytes:
     Results travel by reference only (no by-value fallback for lambdas or local
     classes, which ``reduction.dumps`` would add): a result that the standard pickle
     refuses fails its item with ``MaybeEncodingError``, as in ``multiprocessing``.
-    manyproc's own reducers (connections, sockets...) still apply.
+    manyproc's own reducers (connections, sockets...) still apply, and big arrays or
+    byte strings go through shared memory (see ``manyproc._bigdata``).
     """
+    arrays: list[Any] = []
     try:
-        return _plain_dumps(obj, 5)
+        # Arrays are left out of band here: a result holding any is pickled again below.
+        out = _plain_dumps(obj, 5, buffer_callback=arrays.append)
     except Exception:  # noqa: BLE001 - maybe one of manyproc's reducers knows it
-        pass
-    import copyreg
-    import io
+        out = None
+    if out is not None and not arrays and len(out) < _BIG_RESULT:
+        return out
+    from manyproc import _bigdata
 
-    buffer = io.BytesIO()
-    pickler = pickle.Pickler(buffer, 5)
-    pickler.dispatch_table = {**copyreg.dispatch_table,
-                              **reduction.ForkingPickler._extra_reducers}
-    pickler.dump(obj)
-    return buffer.getvalue()
+    return _bigdata.dumps(obj, by_value=False)
 
 
 def frame(payload: bytes) -> bytes:
