@@ -79,6 +79,8 @@ class WorkerLostError(ProcessError, BrokenExecutor):
         pid: the worker's process id.
         task: a short description of the task the worker held (may be ``None``).
         signal_name: e.g. ``'SIGKILL'`` when the worker was killed by a signal.
+        crash_report: what the worker's fault handler wrote as it crashed (the Python
+            stack of every thread at a segfault, an abort...), or ``None``.
     """
 
     def __init__(
@@ -88,10 +90,12 @@ class WorkerLostError(ProcessError, BrokenExecutor):
         exitcode: int | None = None,
         pid: int | None = None,
         task: Any = None,
+        crash_report: str | None = None,
     ) -> None:
         self.exitcode = exitcode
         self.pid = pid
         self.task = task
+        self.crash_report = crash_report
         self.signal_name: str | None = None
         if exitcode is not None and exitcode < 0:
             try:
@@ -109,16 +113,19 @@ class WorkerLostError(ProcessError, BrokenExecutor):
             if hint:
                 message += f"; {hint}"
             message += ". The task failed; the pool replaced the worker and goes on."
+            if crash_report:
+                message += f"\nThe worker's fault handler reported:\n{crash_report.rstrip()}"
         super().__init__(message)
 
     def __reduce__(self) -> Any:
         return (_rebuild_worker_lost, (self.args[0] if self.args else None, self.exitcode,
-                                       self.pid, self.task))
+                                       self.pid, self.task, self.crash_report))
 
 
 def _rebuild_worker_lost(message: str | None, exitcode: int | None, pid: int | None,
-                         task: Any) -> WorkerLostError:
-    return WorkerLostError(message, exitcode=exitcode, pid=pid, task=task)
+                         task: Any, crash_report: str | None = None) -> WorkerLostError:
+    return WorkerLostError(message, exitcode=exitcode, pid=pid, task=task,
+                           crash_report=crash_report)
 
 
 class TaskTimeoutError(TimeoutError, builtins.TimeoutError):
@@ -126,6 +133,11 @@ class TaskTimeoutError(TimeoutError, builtins.TimeoutError):
 
     It is both ``manyproc.TimeoutError`` and the builtin ``TimeoutError``
     (which ``concurrent.futures.TimeoutError`` is on Python 3.11+).
+
+    Attributes:
+        timeout, task, pid: the limit, the task that passed it, its worker's pid.
+        worker_stack: where the worker was stuck when it was killed (the Python stack
+            of each of its threads), if the pool could ask it; else ``None``.
     """
 
     def __init__(self, message: str | None = None, *, timeout: float | None = None,
@@ -133,6 +145,7 @@ class TaskTimeoutError(TimeoutError, builtins.TimeoutError):
         self.timeout = timeout
         self.task = task
         self.pid = pid
+        self.worker_stack: str | None = None
         if message is None:
             message = (
                 f"{task if task is not None else 'task'} ran longer than its "
@@ -144,14 +157,22 @@ class TaskTimeoutError(TimeoutError, builtins.TimeoutError):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
+    def add_worker_stack(self, stack: str) -> None:
+        """Record where the worker was stuck, and show it in the message."""
+        self.worker_stack = stack
+        self.args = (f"{self.args[0] if self.args else ''}\nWhere the worker was stuck "
+                     f"(its threads, most recent call first):\n{stack.rstrip()}",)
+
     def __reduce__(self) -> Any:
         return (_rebuild_task_timeout, (self.args[0] if self.args else None, self.timeout,
-                                        self.task, self.pid))
+                                        self.task, self.pid, self.worker_stack))
 
 
 def _rebuild_task_timeout(message: str | None, timeout: float | None, task: Any,
-                          pid: int | None) -> TaskTimeoutError:
-    return TaskTimeoutError(message, timeout=timeout, task=task, pid=pid)
+                          pid: int | None, worker_stack: str | None = None) -> TaskTimeoutError:
+    error = TaskTimeoutError(message, timeout=timeout, task=task, pid=pid)
+    error.worker_stack = worker_stack
+    return error
 
 
 # Tracebacks and pickles name these by their public home.

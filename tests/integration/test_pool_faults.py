@@ -99,6 +99,12 @@ def test_worker_death_fails_exactly_its_task(pool, how, args, signame):
         assert error.exitcode == 7 and "exited with code 7" in str(error)
     else:
         assert error.signal_name == signame and signame in str(error)
+    if signame == "SIGSEGV":  # the worker's fault handler says where it crashed
+        assert "Segmentation fault" in error.crash_report
+        assert "in segfault" in error.crash_report and "in segfault" in str(error)
+        assert "worker.py" not in error.crash_report  # the pool's own frames are cut
+    else:
+        assert error.crash_report is None
     assert other.get(timeout=30) == 0.3  # the other worker's task was not touched
     assert_pool_serves(pool)
     assert pool.statistics().tasks_lost == 1
@@ -153,6 +159,9 @@ def test_task_timeout_kills_and_replaces_the_worker(ctx):
         assert time.monotonic() - started < 10
         assert isinstance(info.value, TimeoutError)
         assert info.value.timeout == 0.5
+        # where the task was stuck, from the worker's own stack just before the kill
+        assert "in sleep_then" in info.value.worker_stack
+        assert "Where the worker was stuck" in str(info.value)
         it = p.imap(slow_or_fast, range(6), task_timeout=1)
         got = []
         for _ in range(6):

@@ -120,6 +120,14 @@ class WorkerBackend(abc.ABC):
     def kill(self, worker_id: int) -> None:
         """Kill the worker now (a thread cannot be killed: it is abandoned instead)."""
 
+    def where_stuck(self, worker_id: int) -> str | None:
+        """Ask a worker about to be killed for the stack of each of its threads.
+
+        Called with the lock held, just before :meth:`kill` of a worker whose task timed
+        out; must answer within a fraction of a second. ``None``: cannot tell.
+        """
+        return None
+
     @abc.abstractmethod
     def poll(self, timeout: float | None) -> list[Event]:
         """Wait up to ``timeout`` seconds for worker activity and return it as events.

@@ -539,6 +539,11 @@ class Driver:
         self.backend.stop(ins.worker_id)
 
     def _do_kill(self, ins: KillWorker) -> None:
+        error = ins.timed_out
+        if error is not None and hasattr(error, "add_worker_stack"):
+            stack = self.backend.where_stuck(ins.worker_id)
+            if stack:
+                error.add_worker_stack(stack)  # before anyone can see the error
         self.backend.kill(ins.worker_id)
 
     def _do_revoke(self, ins: RevokeTask) -> None:

@@ -43,6 +43,11 @@ __all__ = ["ProcessBackend", "FunctionCache"]
 
 #: functions a worker keeps unpickled (the parent mirrors each worker's cache)
 WORKER_FUNCTION_CACHE = 32
+#: seconds a worker whose task timed out has to say where it is stuck before it is killed
+STACK_WAIT = 0.5
+#: bytes of a worker's stack dump or crash report kept for the error message
+REPORT_LIMIT = 32768
+_WORKER_FILE = os.path.join("_backends", "worker.py")
 
 _RESULT, _SENTINEL, _TASK, _WAKE = 0, 1, 2, 3
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
@@ -115,10 +120,10 @@ class _Proc:
 
     __slots__ = ("worker_id", "slot", "process", "pid", "sentinel", "task_w", "result_r",
                  "out", "out_offset", "queued", "watch_out", "buffer", "known", "line", "eof",
-                 "exited", "in_shm")
+                 "exited", "in_shm", "report_r")
 
     def __init__(self, worker_id: int, slot: int, process: Any, task_w: int,
-                 result_r: int) -> None:
+                 result_r: int, report_r: int) -> None:
         self.worker_id = worker_id
         self.slot = slot
         self.process = process
@@ -126,6 +131,7 @@ class _Proc:
         self.sentinel: int | None = getattr(process, "sentinel", None)
         self.task_w = task_w
         self.result_r = result_r
+        self.report_r = report_r
         self.out: list[bytes] = []  # frames not written yet (the first from out_offset)
         self.out_offset = 0
         self.queued = False  # in the backend's list of workers to flush
@@ -176,21 +182,22 @@ class ProcessBackend(WorkerBackend):
     def spawn(self, worker_id: int, slot: int) -> int | None:
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
+        report_r, report_w = os.pipe()  # the worker's fault handler writes stacks here
         try:
-            os.set_blocking(task_w, False)
-            os.set_blocking(result_r, False)
-            mark_private(task_w, result_r)  # later fork children must not hold our ends
+            for fd in (task_w, result_r, report_r):
+                os.set_blocking(fd, False)
+            mark_private(task_w, result_r, report_r)  # later fork children must not hold them
             process = self._context.Process(
                 target=wire.main,
                 args=(wire.ChildFd(task_r), wire.ChildFd(result_w), self._initializer,
-                      self._initargs),
+                      self._initargs, wire.ChildFd(report_w)),
                 name=f"{self._name_prefix}-{next(self._names)}", daemon=False)
             process.start()
         except BaseException:
-            close_quietly(task_r, task_w, result_r, result_w)
+            close_quietly(task_r, task_w, result_r, result_w, report_r, report_w)
             raise
-        close_quietly(task_r, result_w)
-        proc = _Proc(worker_id, slot, process, task_w, result_r)
+        close_quietly(task_r, result_w, report_w)
+        proc = _Proc(worker_id, slot, process, task_w, result_r, report_r)
         self._procs[worker_id] = proc
         old = self._slots[slot]
         self._slots[slot] = proc
@@ -245,6 +252,17 @@ class ProcessBackend(WorkerBackend):
         proc = self._procs.get(worker_id)
         if proc is not None and not proc.exited:
             _kill_process(proc.process)
+
+    def where_stuck(self, worker_id: int) -> str | None:
+        proc = self._procs.get(worker_id)
+        if proc is None or proc.exited or proc.pid is None:
+            return None
+        _read_report(proc.report_r, 0)  # drop anything older
+        try:
+            os.kill(proc.pid, wire.STACK_SIGNAL)
+        except OSError:
+            return None
+        return _read_report(proc.report_r, STACK_WAIT) or None
 
     def _write(self, proc: _Proc, data: bytes) -> None:
         """Queue a frame; ``flush`` (at the end of the driver's round) writes them all."""
@@ -435,15 +453,16 @@ class ProcessBackend(WorkerBackend):
             process.join(1.0)  # the sentinel fired, so the exit status is moments away
             exitcode = process.exitcode
         proc.exited = True
+        report = _read_report(proc.report_r, 0) if exitcode != -9 else ""
         self._pending.append(WorkerExited(now=now, worker_id=proc.worker_id,
-                                          exitcode=exitcode))
+                                          exitcode=exitcode, crash_report=report or None))
         self._forget(proc)
 
     def _forget(self, proc: _Proc) -> None:
         self._procs.pop(proc.worker_id, None)
         if self._slots[proc.slot] is not proc:
             _close_process(proc.process)  # replaced already: Pool._pool no longer shows it
-        close_quietly(proc.task_w, proc.result_r)
+        close_quietly(proc.task_w, proc.result_r, proc.report_r)
         proc.in_shm.prune()
         proc.in_shm.abandon()  # the big tasks it never took
         proc.out = []
@@ -470,6 +489,45 @@ class ProcessBackend(WorkerBackend):
         for proc in self._slots:
             if proc is not None:
                 _close_process(proc.process)
+
+
+def _read_report(fd: int, wait: float) -> str:
+    """What the worker's fault handler wrote to ``fd``: wait up to ``wait`` seconds for
+    it to begin, then read until it has been quiet for a moment."""
+    chunks: list[bytes] = []
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    timeout_ms = int(wait * 1000)
+    size = 0
+    while size < REPORT_LIMIT and poller.poll(timeout_ms):
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        except OSError:
+            break
+        if not chunk:
+            break  # the worker is gone
+        chunks.append(chunk)
+        size += len(chunk)
+        timeout_ms = 30  # the handler writes in bursts: wait a little for the rest
+    text = b"".join(chunks)[:REPORT_LIMIT].decode("utf-8", "replace")
+    return _without_pool_frames(text)
+
+
+def _without_pool_frames(report: str) -> str:
+    """Cut each thread's stack where the pool's own worker loop begins (its callers, and
+    under fork the parent's frames, say nothing about the task)."""
+    lines: list[str] = []
+    skipping = False
+    for line in report.splitlines():
+        if not line.startswith("  File "):
+            skipping = False
+        elif skipping or _WORKER_FILE in line:
+            skipping = True
+            continue
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _rebuild_item_failures(results: list[Any], pid: int | None, job: JobRecord, task_id: int,

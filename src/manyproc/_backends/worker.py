@@ -86,6 +86,8 @@ _unpack_from = HEADER.unpack_from
 _dumps = reduction.dumps
 _loads = pickle.loads
 _plain_dumps = pickle.dumps
+#: the signal that makes a worker write the stack of each of its threads to its report pipe
+STACK_SIGNAL = signal.SIGUSR1
 #: a plain pickle this big may hold byte strings worth sending through shared memory
 _BIG_RESULT = 1 << 20
 
@@ -397,8 +399,24 @@ class _Worker:
         self.send((FAILED, task_id, before, payload, seconds))
 
 
+def report_faults_to(fd: int) -> None:
+    """Write Python stacks to ``fd`` on a fatal signal (segfault, abort...) and on
+    ``STACK_SIGNAL`` (the pool asking where a task that timed out is stuck).
+
+    ``faulthandler`` writes from its C signal handler, so the answer comes even while
+    the task is stuck in C code or holds the GIL in a loop.
+    """
+    import faulthandler
+
+    try:
+        faulthandler.enable(fd, all_threads=True)
+        faulthandler.register(STACK_SIGNAL, fd, all_threads=True, chain=False)
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        pass  # no fault handler here: the errors just say less
+
+
 def main(task_end: ChildFd, result_end: ChildFd, initializer: Any,
-         initargs: tuple[Any, ...]) -> None:
+         initargs: tuple[Any, ...], report_end: ChildFd | None = None) -> None:
     """Entry point of a worker process (the target of its Process object).
 
     Args:
@@ -406,8 +424,11 @@ def main(task_end: ChildFd, result_end: ChildFd, initializer: Any,
         result_end: the write end of the answer pipe.
         initializer: called once with ``initargs`` before the first task, or ``None``.
         initargs: arguments of the initializer.
+        report_end: the write end of the pipe the fault handler reports to, if any.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    if report_end is not None:
+        report_faults_to(report_end.fd)
     worker = _Worker(task_end.fd, result_end.fd)
     try:
         if initializer is not None:

@@ -187,6 +187,7 @@ class _Worker:
     init_error: BaseException | None = None
     start_timed_out: bool = False
     retiring: bool = False
+    crash_report: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -755,6 +756,7 @@ class PoolCore:
         self._log("worker", w.worker_id, "exited: {}", how)
         if not expected:
             self._vacate(w, "restart")
+        w.crash_report = ev.crash_report
         self._empty_line(w, died=True, exitcode=ev.exitcode)
         if not w.ready and (not expected or w.init_error is not None or w.start_timed_out):
             self._start_failures += 1
@@ -1172,7 +1174,8 @@ class PoolCore:
             task.attempts += 1
             self._requeue(task)
             return
-        error = WorkerLostError(exitcode=exitcode, pid=w.pid, task=self._describe(task))
+        error = WorkerLostError(exitcode=exitcode, pid=w.pid, task=self._describe(task),
+                                crash_report=w.crash_report)
         self._finish(task, _FAILED, (), error)
 
     def _time_out(self, w: _Worker, head: _Task) -> None:
@@ -1186,6 +1189,8 @@ class PoolCore:
             error = TaskTimeoutError(timeout=head.job.spec.task_timeout,
                                      task=self._describe(head), pid=w.pid)
             self._finish(head, _FAILED, (), error)
+            self._kill(w, Reason.TIMEOUT, timed_out=error)
+            return
         else:
             self._drop(head)
         self._kill(w, Reason.TIMEOUT)
@@ -1430,9 +1435,10 @@ class PoolCore:
         self._idle.pop(w.worker_id, None)
         self._vacate(w, replace_as)
 
-    def _kill(self, w: _Worker, reason: Reason) -> None:
+    def _kill(self, w: _Worker, reason: Reason, timed_out: BaseException | None = None) -> None:
         """Kill ``w``; what is left in its line is handed back (or dropped if abandoned)."""
-        self._emit(KillWorker(worker_id=w.worker_id, reason=reason, stimulus_id=self._stimulus))
+        self._emit(KillWorker(worker_id=w.worker_id, reason=reason, timed_out=timed_out,
+                              stimulus_id=self._stimulus))
         self._move_worker(w, WorkerState.KILLING)
         self._idle.pop(w.worker_id, None)
         self._vacate(w, "restart")

@@ -306,12 +306,14 @@ class WorkerExited(Event):
 
     The driver reports every message the worker sent before it died first.
     ``exitcode`` is negative for a signal, ``None`` if unknown; ``error`` says why a
-    worker could not be started at all (fork failed...).
+    worker could not be started at all (fork failed...); ``crash_report`` is what the
+    worker could tell of its death (a fault handler's stack dump), if anything.
     """
 
     worker_id: int
     exitcode: int | None = None
     error: BaseException | None = None
+    crash_report: str | None = None
 
 
 @dataclass(slots=True, kw_only=True)

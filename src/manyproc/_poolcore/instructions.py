@@ -121,10 +121,15 @@ class StopWorker(Instruction):
 
 @dataclass(slots=True, kw_only=True)
 class KillWorker(Instruction):
-    """Kill a worker now. Whatever it held has already been resolved or handed back."""
+    """Kill a worker now. Whatever it held has already been resolved or handed back.
+
+    ``timed_out`` is the error a task that ran too long failed with: a backend that can
+    ask the worker where it is stuck adds that to it before the kill.
+    """
 
     worker_id: int
     reason: Reason
+    timed_out: BaseException | None = None
 
 
 @dataclass(slots=True, kw_only=True)
