@@ -59,6 +59,7 @@ from .pool import (
     IMapIterator,
     _apply_spec,
     _check_backend,
+    _check_memory_limit,
     _check_timeout,
     _label,
     _open_remote_backend,
@@ -188,6 +189,8 @@ class ProcessPoolExecutor(Executor):
         task_timeout: keyword-only; seconds a call (or a map item) may run before its
             worker is killed and the future fails with ``TaskTimeoutError``.
         kill_on_cancel: keyword-only; ``cancel()`` on a running future kills its worker.
+        max_memory_per_child: keyword-only; bytes of resident memory after which a worker
+            is replaced once its current task is done (see ``manyproc.Pool``).
         backend: keyword-only; ``"processes"`` (the default), ``"threads"`` or ``"dask"``
             (calls run on a Dask cluster with the same semantics; ``max_workers=None``
             then means the cluster's threads). See ``manyproc.Pool``.
@@ -208,10 +211,12 @@ class ProcessPoolExecutor(Executor):
                  initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
                  *, max_tasks_per_child: int | None = None, task_timeout: float | None = None,
                  kill_on_cancel: bool = False, backend: str | None = None,
-                 backend_options: Mapping[str, Any] | None = None) -> None:
+                 backend_options: Mapping[str, Any] | None = None,
+                 max_memory_per_child: int | None = None) -> None:
         kind = _check_backend(self._backend_name if backend is None else backend,
                               backend_options, context=mp_context, maxtasks=max_tasks_per_child)
         self._backend_kind = kind
+        self._memory_limit = _check_memory_limit(max_memory_per_child, kind)
         if max_workers is None:
             if kind not in _REMOTE_BACKENDS:
                 max_workers = self._default_workers()
@@ -269,7 +274,8 @@ class ProcessPoolExecutor(Executor):
             from . import context as _context
 
             context = _context._default_context.get_context()
-        return ProcessBackend(context, workers, initializer, initargs)
+        return ProcessBackend(context, workers, initializer, initargs,
+                              memory_limit=self._memory_limit)
 
     def _check_open(self) -> None:
         driver = self._driver

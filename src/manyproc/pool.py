@@ -137,6 +137,22 @@ def _check_timeout(task_timeout: Any) -> float | None:
     return float(task_timeout)
 
 
+def _check_memory_limit(limit: Any, backend: str) -> int | None:
+    """Check ``max_memory_per_child`` (bytes of resident memory; None: no limit)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"max_memory_per_child must be a number of bytes (int) or None, not "
+                        f"{limit!r} ({type(limit).__name__}); e.g. 500 * 2**20 for 500 MiB")
+    if limit <= 0:
+        raise ValueError(f"max_memory_per_child must be a positive number of bytes, not "
+                         f"{limit!r}")
+    if backend != "processes":
+        raise ValueError(f"max_memory_per_child recycles worker processes; it has no meaning "
+                         f"with backend={backend!r}: leave it out")
+    return limit
+
+
 def _wait(driver: Driver, ready: Callable[[], bool], timeout: float | None) -> bool:
     """Wait as leader or follower; Ctrl-C cancels the pool's work and kills its workers."""
     try:
@@ -542,6 +558,9 @@ class Pool:
             a ``LocalCluster`` of ``processes`` workers (``cluster_options`` are passed to
             it) and closes it with the pool; ``submit_options`` (``priority``,
             ``resources``, ``annotations``) go to each ``Client.submit``.
+        max_memory_per_child: keyword-only; bytes of resident memory (RSS) a worker may
+            hold after a task: past it, the worker takes no new task and is replaced once
+            its current ones are done (a leaking library cannot grow a worker for ever).
 
     Raises:
         ValueError: ``processes`` < 1, or ``maxtasksperchild`` not a positive int, or an
@@ -557,11 +576,13 @@ class Pool:
                  initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
                  maxtasksperchild: int | None = None, context: Any = None, *,
                  task_timeout: float | None = None, backend: str | None = None,
-                 backend_options: Mapping[str, Any] | None = None) -> None:
+                 backend_options: Mapping[str, Any] | None = None,
+                 max_memory_per_child: int | None = None) -> None:
         self._state = INIT
         self._backend_kind = _check_backend(
             self._backend_name if backend is None else backend, backend_options,
             context=context, maxtasks=maxtasksperchild)
+        self._memory_limit = _check_memory_limit(max_memory_per_child, self._backend_kind)
         budget: CpuBudget | None = None
         if processes is None and self._backend_kind not in _REMOTE_BACKENDS:
             budget = cpu_budget()
@@ -623,7 +644,8 @@ class Pool:
 
             context = _context._default_context.get_context()
             self._ctx = context
-        return ProcessBackend(context, processes, initializer, initargs)
+        return ProcessBackend(context, processes, initializer, initargs,
+                              memory_limit=self._memory_limit)
 
     # --- the standard surface ------------------------------------------------------------
 

@@ -263,6 +263,45 @@ def test_maxtasksperchild_recycles_workers_without_losing_work(ctx):
     p.join()
 
 
+_HOARD: list[bytes] = []
+
+
+def hoard(nbytes):
+    """A leaking task: keeps ``nbytes`` of touched memory in the worker for good."""
+    _HOARD.append(b"x" * nbytes)
+    return os.getpid()
+
+
+def test_max_memory_per_child_replaces_a_worker_that_grew(ctx):
+    from manyproc._backends.worker import resident_memory
+
+    with Pool(1, context=ctx) as probe:
+        limit = probe.apply(resident_memory) + 60 * 2**20  # a fresh worker, plus 60 MiB
+    probe.join()
+    with Pool(1, context=ctx, max_memory_per_child=limit) as p:
+        pids = [p.apply(hoard, (25 * 2**20,)) for _ in range(8)]
+        assert len(set(pids)) >= 2  # a worker past the limit was replaced
+        assert pids.count(pids[0]) <= 4  # ... soon after it went past it
+        stats = p.statistics()
+        assert stats.workers_recycled >= 1 and stats.tasks_done == 8
+        assert stats.tasks_lost == 0  # nothing was lost on the way
+    p.join()
+    from manyproc.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=ctx, max_memory_per_child=limit) as executor:
+        pids = [executor.submit(hoard, 25 * 2**20).result() for _ in range(8)]
+    assert len(set(pids)) >= 2
+
+
+def test_max_memory_per_child_bad_values():
+    with pytest.raises(TypeError, match="number of bytes"):
+        Pool(1, max_memory_per_child="1GB")
+    with pytest.raises(ValueError, match="positive"):
+        Pool(1, max_memory_per_child=0)
+    with pytest.raises(ValueError, match="no meaning with backend='threads'"):
+        Pool(1, backend="threads", max_memory_per_child=2**30)
+
+
 def test_initializer_runs_in_each_worker(ctx):
     with Pool(2, initializer=set_state, initargs=("ready",), context=ctx) as p:
         assert set(p.map(read_state, range(8))) == {"ready"}

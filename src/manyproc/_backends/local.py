@@ -28,6 +28,7 @@ from manyproc import _bigdata, reduction, util
 from manyproc._os.fds import close_quietly, mark_private
 from manyproc._poolcore import (
     Event,
+    RetireWorker,
     TaskDone,
     TaskSkipped,
     WorkerExited,
@@ -150,8 +151,10 @@ class ProcessBackend(WorkerBackend):
     remote = True
 
     def __init__(self, context: Any, processes: int, initializer: Any,
-                 initargs: Sequence[Any], *, functions: FunctionCache | None = None) -> None:
+                 initargs: Sequence[Any], *, functions: FunctionCache | None = None,
+                 memory_limit: int | None = None) -> None:
         self._context = context
+        self._memory_limit = memory_limit
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self.functions = functions or FunctionCache()
@@ -190,7 +193,7 @@ class ProcessBackend(WorkerBackend):
             process = self._context.Process(
                 target=wire.main,
                 args=(wire.ChildFd(task_r), wire.ChildFd(result_w), self._initializer,
-                      self._initargs, wire.ChildFd(report_w)),
+                      self._initargs, wire.ChildFd(report_w), self._memory_limit),
                 name=f"{self._name_prefix}-{next(self._names)}", daemon=False)
             process.start()
         except BaseException:
@@ -435,6 +438,10 @@ class ProcessBackend(WorkerBackend):
             return TaskSkipped(now=now, worker_id=worker_id, task_id=message[1])
         if code == wire.READY:
             return WorkerReady(now=now, worker_id=worker_id)
+        if code == wire.RETIRE:
+            util.debug("pool worker pid %s holds %d bytes, past max_memory_per_child: "
+                       "replacing it", proc.pid, message[1])
+            return RetireWorker(now=now, worker_id=worker_id)
         if code == wire.INIT_FAILED:
             error = rebuild_error(message[1], f"raised by the pool initializer in worker pid "
                                               f"{proc.pid}")

@@ -60,6 +60,7 @@ INIT_FAILED = 11  # (INIT_FAILED, error)
 DONE = 12  # (DONE, task_id, results, seconds)
 FAILED = 13  # (FAILED, task_id, results_before, error, seconds)
 SKIPPED = 14  # (SKIPPED, task_id)
+RETIRE = 15  # (RETIRE, rss): past max_memory_per_child; replace me once my tasks are done
 
 # how a function is called on each item of a task
 CALL_APPLY = 0  # item = (args, kwargs): f(*args, **kwargs)
@@ -286,6 +287,7 @@ class _Worker:
         self.revoked: set[int] = set()
         self.stopping = False
         self.current_mode = CALL_ONE
+        self.memory_limit: int | None = None
 
     def send(self, message: tuple[Any, ...]) -> None:
         _write_all(self.result_fd, frame(dumps_result(message)))
@@ -313,6 +315,7 @@ class _Worker:
 
     def run(self) -> None:
         queue = self.queue
+        limit = self.memory_limit
         while True:
             if not queue:
                 self.revoked.clear()  # every revoke so far named a task already answered
@@ -320,6 +323,11 @@ class _Worker:
                     return
                 continue
             self.run_task(queue.popleft())
+            if limit is not None:
+                rss = resident_memory()
+                if rss > limit:
+                    self.send((RETIRE, rss))
+                    limit = None  # once is enough: the parent sends no new task
 
     def isolated(self, task_id: int) -> bool:
         return self.current_mode in (CALL_ONE_EACH, CALL_STAR_EACH)
@@ -415,8 +423,24 @@ def report_faults_to(fd: int) -> None:
         pass  # no fault handler here: the errors just say less
 
 
+def resident_memory() -> int:
+    """Bytes of this process's resident memory (its peak where the current is unknown)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB else
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 def main(task_end: ChildFd, result_end: ChildFd, initializer: Any,
-         initargs: tuple[Any, ...], report_end: ChildFd | None = None) -> None:
+         initargs: tuple[Any, ...], report_end: ChildFd | None = None,
+         memory_limit: int | None = None) -> None:
     """Entry point of a worker process (the target of its Process object).
 
     Args:
@@ -425,11 +449,13 @@ def main(task_end: ChildFd, result_end: ChildFd, initializer: Any,
         initializer: called once with ``initargs`` before the first task, or ``None``.
         initargs: arguments of the initializer.
         report_end: the write end of the pipe the fault handler reports to, if any.
+        memory_limit: ``max_memory_per_child`` in bytes, or ``None``.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     if report_end is not None:
         report_faults_to(report_end.fd)
     worker = _Worker(task_end.fd, result_end.fd)
+    worker.memory_limit = memory_limit
     try:
         if initializer is not None:
             initializer(*initargs)
