@@ -147,9 +147,12 @@ class TaskTimeoutError(TimeoutError, builtins.TimeoutError):
         self.pid = pid
         self.worker_stack: str | None = None
         if message is None:
+            fate = (f"its worker (pid {pid}) was killed and replaced" if pid is not None else
+                    "its worker was replaced (a worker thread cannot be killed: it finishes "
+                    "the call in the background, its result dropped)")
             message = (
                 f"{task if task is not None else 'task'} ran longer than its "
-                f"task_timeout of {timeout} s; its worker (pid {pid}) was killed and replaced. "
+                f"task_timeout of {timeout} s; {fate}. "
                 "Raise task_timeout= if the task needs more time."
             )
         Exception.__init__(self, message)
@@ -160,8 +163,8 @@ class TaskTimeoutError(TimeoutError, builtins.TimeoutError):
     def add_worker_stack(self, stack: str) -> None:
         """Record where the worker was stuck, and show it in the message."""
         self.worker_stack = stack
-        self.args = (f"{self.args[0] if self.args else ''}\nWhere the worker was stuck "
-                     f"(its threads, most recent call first):\n{stack.rstrip()}",)
+        self.args = (f"{self.args[0] if self.args else ''}\nWhere the worker was stuck:\n"
+                     f"{stack.rstrip()}",)
 
     def __reduce__(self) -> Any:
         return (_rebuild_task_timeout, (self.args[0] if self.args else None, self.timeout,

@@ -60,9 +60,11 @@ def test_a_task_timeout_abandons_the_thread_and_replaces_it():
     release = threading.Event()
     with ThreadPool(1) as pool:
         started = time.monotonic()
-        with pytest.raises(manyproc.TaskTimeoutError):
+        with pytest.raises(manyproc.TaskTimeoutError) as info:
             pool.apply(release.wait, (10,), task_timeout=0.2)
         assert time.monotonic() - started < 5
+        assert "in wait" in info.value.worker_stack  # where the thread was stuck
+        assert "cannot be killed" in str(info.value)
         assert pool.apply(sqr, (5,)) == 25  # a new thread took the place
         assert pool.statistics().tasks_timed_out == 1
         release.set()

@@ -13,8 +13,10 @@ daemon thread) with its result dropped.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Sequence
 from itertools import starmap
@@ -37,6 +39,7 @@ __all__ = ["ThreadBackend"]
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
 _STOP = object()
+_THIS_FILE = __file__
 
 
 class _WorkerThread(threading.Thread):
@@ -186,6 +189,21 @@ class ThreadBackend(WorkerBackend):
             self._events.append(WorkerExited(now=_monotonic(), worker_id=worker_id))
             self._cond.notify()
         thread.put(_STOP)  # if it is idle, let it end; if busy, it ends after its task
+
+    def where_stuck(self, worker_id: int) -> str | None:
+        thread = self._threads.get(worker_id)
+        if thread is None or thread.ident is None:
+            return None
+        frame = sys._current_frames().get(thread.ident)
+        if frame is None:
+            return None
+        lines = traceback.format_stack(frame)
+        # cut the worker loop's own frames: they say nothing about the task
+        for index, line in enumerate(lines):
+            if _THIS_FILE in line and "in _run\n" in line:
+                lines = lines[index + 1:]
+                break
+        return f"Thread {thread.name!r} (most recent call last):\n" + "".join(lines)
 
     def workers(self) -> list[Any]:
         return list(self._slots)
