@@ -26,7 +26,9 @@ import _multiprocessing
 import collections
 import errno
 import functools
+import math
 import os
+import select
 import sys
 import threading
 import time
@@ -101,6 +103,60 @@ def _process_label() -> str:
     return f"process {current_process().name} (pid {os.getpid()})"
 
 
+class _ReadSide:
+    """A queue's reading end and its lock, read so that a dead reader never holds the lock.
+
+    Readers wait for data *without* the lock and take it only to read a message that
+    is already there: a reader killed while it waits (SIGKILL, a crash) holds nothing,
+    so the others go on. (Holding the lock across the wait, as the standard library
+    does, leaves the queue locked for good when a waiting reader dies.)
+    """
+
+    __slots__ = ("lock", "conn", "_ready")
+
+    def __init__(self, lock: Any, conn: Any) -> None:
+        self.lock = lock
+        self.conn = conn
+        poll = getattr(select, "poll", None)
+        if poll is None:
+            self._ready = conn.poll
+        else:  # a poll object made once: several times cheaper than Connection.poll
+            poller = poll()
+            poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+
+            def ready(timeout: float | None = 0.0) -> bool:
+                conn._check_readable()
+                ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+                return bool(poller.poll(ms))
+
+            self._ready = ready
+
+    def take(self, block: bool, timeout: float | None = None) -> Any:
+        """Read the message waiting under the lock; None if there is none, or if the lock
+        could not be had (``block=False``, or not within ``timeout``)."""
+        if not self.lock.acquire(block, timeout):
+            return None
+        try:
+            return self.conn._read_message() if self._ready() else None
+        finally:
+            self.lock.release()
+
+    def next(self, deadline: float | None) -> Any:
+        """Read the next message, waiting until ``deadline`` (None: for ever); None if
+        none came in time."""
+        ready = self._ready
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            data = self.take(True, remaining)
+            if data is not None:
+                return data
+            if deadline is None:
+                ready(None)
+            elif not ready(max(0.0, deadline - time.monotonic())):
+                return None
+            # something came (or another reader takes it first): try again
+
+
 class Queue:
     """A FIFO queue of picklable objects shared between processes.
 
@@ -146,6 +202,7 @@ class Queue:
         self._closed = False
         self._close: util.Finalize | None = None
         self._poll = self._reader.poll
+        self._read_side = _ReadSide(self._rlock, self._reader)
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -208,25 +265,13 @@ class Queue:
         """
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        if block and timeout is None:
-            with self._rlock:
-                data = self._reader._read_message()
-            self._sem.release()
+        if not block:
+            data = self._read_side.take(False)
         else:
-            if block:
-                deadline = time.monotonic() + timeout  # type: ignore[operator]
-            if not self._rlock.acquire(block, timeout):
-                raise Empty
-            try:
-                if block:
-                    if not self._poll(max(0.0, deadline - time.monotonic())):
-                        raise Empty
-                elif not self._poll():
-                    raise Empty
-                data = self._reader._read_message()
-                self._sem.release()
-            finally:
-                self._rlock.release()
+            data = self._read_side.next(None if timeout is None else time.monotonic() + timeout)
+        if data is None:
+            raise Empty
+        self._sem.release()
         # Unpickle outside the lock, so other readers are not held up by it.
         return _loads(data)
 
@@ -479,6 +524,7 @@ class SimpleQueue:
         self._rlock = ctx.Lock()
         self._wlock = ctx.Lock()
         self._poll = self._reader.poll
+        self._read_side = _ReadSide(self._rlock, self._reader)
 
     def close(self) -> None:
         """Close both ends of the pipe in this process."""
@@ -496,12 +542,11 @@ class SimpleQueue:
     def __setstate__(self, state: Any) -> None:
         (self._reader, self._writer, self._rlock, self._wlock) = state
         self._poll = self._reader.poll
+        self._read_side = _ReadSide(self._rlock, self._reader)
 
     def get(self) -> Any:
         """Remove and return the oldest item, waiting for one if needed."""
-        with self._rlock:
-            data = self._reader._read_message()
-        return _loads(data)
+        return _loads(self._read_side.next(None))
 
     def put(self, obj: Any) -> None:
         """Pickle ``obj`` and write it to the pipe.

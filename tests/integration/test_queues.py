@@ -345,3 +345,35 @@ def test_a_connection_travels_through_a_queue(ctx):
         q.close()
         q.join_thread()
         resource_sharer.stop()
+
+
+def wait_for_an_item(q, started):
+    started.set()
+    q.get()
+
+
+@pytest.mark.parametrize("kind", ["Queue", "SimpleQueue", "JoinableQueue"])
+def test_a_reader_killed_while_it_waits_does_not_wedge_the_queue(ctx, kind):
+    """The standard library's blocked get() holds the read lock; SIGKILL it and every
+    other reader hangs for ever. manyproc's readers wait without the lock."""
+    import signal
+    import time
+
+    q = getattr(ctx, kind)()
+    started = ctx.Event()
+    readers = [ctx.Process(target=wait_for_an_item, args=(q, started)) for _ in range(2)]
+    for p in readers:
+        p.start()
+    assert started.wait(30)
+    time.sleep(0.3)  # both readers are blocked in get()
+    for p in readers:
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+    q.put("after the kill")
+    if kind == "SimpleQueue":
+        assert q.get() == "after the kill"
+    else:
+        assert q.get(timeout=10) == "after the kill"
+        q.put("again")
+        assert q.get(timeout=10) == "again"
+    q.close()
