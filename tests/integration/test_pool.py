@@ -165,6 +165,15 @@ def test_exceptions_that_cannot_travel_come_back_as_text(pool):
     assert pool.apply(sqr, (5,)) == 25  # and the pool goes on
 
 
+def test_sys_exit_in_a_task_fails_the_task_only(pool):
+    import sys
+
+    with pytest.raises(RemoteTaskError, match="SystemExit: 3.*cannot end its worker"):
+        pool.apply(sys.exit, (3,))
+    assert pool.apply(sqr, (6,)) == 36
+    assert pool.statistics().workers_lost == 0
+
+
 def test_unpicklable_result_and_argument_fail_alone(pool):
     with pytest.raises(MaybeEncodingError) as info:
         pool.apply(return_lock)

@@ -21,7 +21,7 @@ from typing import Any
 
 from manyproc._errors import ProcessError
 
-from .worker import ERR_ENCODING, ERR_PICKLED
+from .worker import ERR_ENCODING, ERR_PICKLED, STOPPING_REASON
 
 __all__ = ["RemoteTraceback", "RemoteTaskError", "MaybeEncodingError", "rebuild_error",
            "add_note"]
@@ -45,6 +45,10 @@ class RemoteTraceback(Exception):
         return type(self), (self.tb,)
 
 
+_STOPPING_ADVICE = ("a task cannot end its worker this way (sys.exit() in a task only fails "
+                    "the task); raise an Exception subclass to fail it")
+
+
 class RemoteTaskError(ProcessError):
     """A task raised an exception that could not be sent back as itself.
 
@@ -63,8 +67,10 @@ class RemoteTaskError(ProcessError):
         self.reason = reason
         text = f"{type_name}: {message}" if message else type_name
         if reason:
-            text += (f" [the worker's exception is shown as text: {reason}; make the exception "
-                     "picklable, e.g. pass every constructor argument to super().__init__()]")
+            advice = (_STOPPING_ADVICE if reason.startswith(STOPPING_REASON) else
+                      "make the exception picklable, e.g. pass every constructor argument to "
+                      "super().__init__()")
+            text += f" [the worker's exception is shown as text: {reason}; {advice}]"
         super().__init__(text)
 
     def __reduce__(self) -> Any:

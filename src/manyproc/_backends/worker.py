@@ -87,6 +87,8 @@ _unpack_from = HEADER.unpack_from
 _dumps = reduction.dumps
 _loads = pickle.loads
 _plain_dumps = pickle.dumps
+#: why a task's SystemExit / KeyboardInterrupt / GeneratorExit comes back as text
+STOPPING_REASON = "it is a BaseException that would stop the parent if raised there"
 #: the signal that makes a worker write the stack of each of its threads to its report pipe
 STACK_SIGNAL = signal.SIGUSR1
 #: a plain pickle this big may hold byte strings worth sending through shared memory
@@ -236,8 +238,7 @@ def _error_payload(exc: BaseException, offset: int) -> tuple[Any, ...]:
     if not isinstance(exc, Exception):
         # SystemExit, KeyboardInterrupt, GeneratorExit raised by a task: re-raising them
         # in the parent would end or interrupt it, so they come back as text.
-        return (ERR_TEXT, None, name, text, tb_text, offset,
-                "it is a BaseException that would stop the parent if raised there")
+        return (ERR_TEXT, None, name, text, tb_text, offset, STOPPING_REASON)
     exc.__traceback__ = None
     context, cause = exc.__context__, exc.__cause__
     exc.__context__ = exc.__cause__ = None
