@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 
 from . import util
 from ._os import deathwatch
@@ -37,12 +38,19 @@ class Popen(PopenBase):
         if pid == 0:
             code = 1
             try:
-                os.close(alive_w)
-                os.close(exit_r)
-                close_private_fds_in_child()
-                mark_private(exit_w, alive_r)  # our own children must not hold these
-                atexit._clear()  # the parent's exit handlers are not ours to run
-                deathwatch.watch_parent(alive_r)
+                try:
+                    os.close(alive_w)
+                    os.close(exit_r)
+                    close_private_fds_in_child()
+                    mark_private(exit_w, alive_r)  # our own children must not hold these
+                    atexit._clear()  # the parent's exit handlers are not ours to run
+                    deathwatch.watch_parent(alive_r)
+                except BaseException:
+                    import traceback
+
+                    sys.stderr.write(f"manyproc: the forked child (pid {os.getpid()}) could "
+                                     "not be set up:\n" + traceback.format_exc())
+                    raise
                 code = process_obj._bootstrap(parent_sentinel=alive_r)
                 atexit._run_exitfuncs()
             finally:

@@ -323,3 +323,24 @@ def test_a_late_wakeup_never_writes_into_a_reused_fd(ctx):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_workers_start_when_fd_numbers_pass_1024(ctx):
+    """A process with many files open gets pipe fds above FD_SETSIZE, where select()
+    fails; nothing on the way to a worker may use it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < 1300:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1300, hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with Pool(2, context=ctx) as p:
+            assert p.map(sqr, range(10)) == [x * x for x in range(10)]
+        p.join()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

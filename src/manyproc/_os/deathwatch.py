@@ -11,7 +11,6 @@ a short grace (it may be reporting that its parent is gone) and is then killed.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import threading
 import time
@@ -20,6 +19,8 @@ try:
     import fcntl
 except ImportError:  # not on this platform: the watcher thread does the job
     fcntl = None  # type: ignore[assignment]
+
+from .waiting import is_readable
 
 GRACE_SECONDS = 1.0
 
@@ -41,8 +42,7 @@ def _on_sigio(signum: int, frame: object) -> None:
     if fd is None:
         return
     try:
-        readable, _, _ = select.select([fd], [], [], 0)
-        if not readable:
+        if not is_readable(fd):
             return
         if os.read(fd, 1):
             return  # data, not EOF: nobody writes this pipe, so ignore it
@@ -89,8 +89,7 @@ def watch_parent(alive_fd: int) -> None:
         _watch_with_thread(alive_fd)
         return
     # The parent may have died before the handler was in place.
-    readable, _, _ = select.select([alive_fd], [], [], 0)
-    if readable:
+    if is_readable(alive_fd):
         _on_sigio(signal.SIGIO, None)
 
 
