@@ -23,6 +23,7 @@ each child starts with its own empty buffer and no feeder thread.
 from __future__ import annotations
 
 import _multiprocessing
+import array
 import collections
 import errno
 import functools
@@ -39,6 +40,12 @@ from queue import Empty, Full
 from typing import Any
 
 from . import _wire, connection, reduction, util
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover - not POSIX: writers hold the lock while they write
+    fcntl = termios = None  # type: ignore[assignment]
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue"]
 
@@ -58,7 +65,6 @@ _yield_gil = functools.partial(time.sleep, 0)
 _pickle = connection._pickle
 _payload_size = _wire.payload_size
 _loads = reduction.loads
-_write_frame = _wire.write_frame
 _write_frames = _wire.write_frames
 
 
@@ -101,6 +107,88 @@ def _process_label() -> str:
     from .process import current_process  # layer 4, only when reporting
 
     return f"process {current_process().name} (pid {os.getpid()})"
+
+
+_ioctl: Any = getattr(fcntl, "ioctl", None)
+_FIONREAD: int = getattr(termios, "FIONREAD", 0)
+#: bytes of frame headers counted per message when checking that a write fits
+_HEADER_ALLOWANCE = 12
+
+
+class _WriteSide:
+    """A queue's writing end and its lock, written so that a dead writer never holds the lock.
+
+    A writer takes the lock only for a write that the pipe can take whole at once,
+    so the write cannot block: a writer killed at any moment (SIGKILL while the reader
+    is slow and the pipe full) neither keeps the lock from the other writers nor leaves
+    half a message that would stall the reader. Linux tells how much room a pipe has
+    (``F_GETPIPE_SZ`` less ``FIONREAD``); elsewhere, and for a message bigger than the
+    pipe, the writer holds the lock across a blocking write, as the standard library
+    always does.
+    """
+
+    __slots__ = ("fd", "lock", "capacity", "_count")
+
+    def __init__(self, fd: int, lock: Any) -> None:
+        self.fd = fd
+        self.lock = lock
+        self.capacity = 0
+        self._count = array.array("i", [0])
+        get_size = getattr(fcntl, "F_GETPIPE_SZ", None)
+        if get_size is not None and hasattr(termios, "FIONREAD"):
+            try:
+                self.capacity = fcntl.fcntl(fd, get_size)
+            except OSError:
+                pass
+
+    def _room(self) -> int:
+        count = self._count
+        _ioctl(self.fd, _FIONREAD, count, True)
+        return self.capacity - count[0]
+
+    def write(self, payloads: list[Any]) -> None:
+        """Write ``payloads`` as consecutive frames, as few writes as the pipe allows."""
+        capacity = self.capacity
+        if len(payloads) == 1:  # the common case, SimpleQueue.put: no chunking
+            self._write_chunk(payloads, _payload_size(payloads[0]) + _HEADER_ALLOWANCE)
+            return
+        chunk: list[Any] = []
+        chunk_size = 0
+        for payload in payloads:
+            size = _payload_size(payload) + _HEADER_ALLOWANCE
+            if chunk and chunk_size + size > capacity:
+                self._write_chunk(chunk, chunk_size)
+                chunk, chunk_size = [], 0
+            chunk.append(payload)
+            chunk_size += size
+        if chunk:
+            self._write_chunk(chunk, chunk_size)
+
+    def _write_chunk(self, payloads: list[Any], size: int) -> None:
+        if size > self.capacity:
+            with self.lock:
+                _write_frames(self.fd, payloads)
+            return
+        delay = 0.0002
+        lock, fd = self.lock, self.fd
+        while True:
+            with lock:
+                if self._room() >= size:
+                    _write_frames(fd, payloads)
+                    return
+            # Wait for the reader without the lock: until there is some room (then a
+            # little longer if it is not enough), or the reader is gone (the write
+            # then raises BrokenPipeError at once).
+            poller = select.poll()
+            poller.register(self.fd, select.POLLOUT)
+            ready = poller.poll(1000)
+            if ready and ready[0][1] & (select.POLLERR | select.POLLHUP):
+                with self.lock:
+                    _write_frames(self.fd, payloads)
+                return
+            if ready:
+                time.sleep(delay)
+                delay = min(2 * delay, 0.005)
 
 
 class _ReadSide:
@@ -401,9 +489,8 @@ class Queue:
               reader_close: Callable[[], None], ignore_epipe: bool,
               onerror: Callable[[BaseException, Any], None], sem: Any) -> None:
         util.debug("starting thread to feed data to pipe")
-        fd = writer.fileno()
+        write = _WriteSide(writer.fileno(), wlock).write
         popleft = buffer.popleft
-        acquire, release = wlock.acquire, wlock.release
         while True:
             batch: list[Any] = []
             size = 0
@@ -421,11 +508,7 @@ class Queue:
                 in_flight[0], in_flight[1] = len(batch), size
             if batch:
                 try:
-                    acquire()
-                    try:
-                        _write_frames(fd, batch)
-                    finally:
-                        release()
+                    write(batch)
                 except Exception as exc:
                     if ignore_epipe and getattr(exc, "errno", 0) == errno.EPIPE:
                         return
@@ -525,6 +608,7 @@ class SimpleQueue:
         self._wlock = ctx.Lock()
         self._poll = self._reader.poll
         self._read_side = _ReadSide(self._rlock, self._reader)
+        self._write_side = _WriteSide(self._writer.fileno(), self._wlock)
 
     def close(self) -> None:
         """Close both ends of the pipe in this process."""
@@ -543,6 +627,7 @@ class SimpleQueue:
         (self._reader, self._writer, self._rlock, self._wlock) = state
         self._poll = self._reader.poll
         self._read_side = _ReadSide(self._rlock, self._reader)
+        self._write_side = _WriteSide(self._writer.fileno(), self._wlock)
 
     def get(self) -> Any:
         """Remove and return the oldest item, waiting for one if needed."""
@@ -554,9 +639,6 @@ class SimpleQueue:
         Raises:
             pickle.PicklingError, TypeError, AttributeError: ``obj`` cannot be pickled.
         """
-        data = _pickle(obj)
-        fd = self._writer.fileno()
-        with self._wlock:
-            _write_frame(fd, data)
+        self._write_side.write([_pickle(obj)])
 
     __class_getitem__: Any = classmethod(types.GenericAlias)

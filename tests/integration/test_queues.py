@@ -377,3 +377,39 @@ def test_a_reader_killed_while_it_waits_does_not_wedge_the_queue(ctx, kind):
         q.put("again")
         assert q.get(timeout=10) == "again"
     q.close()
+
+
+def put_many(q, ident, count, size):
+    for k in range(count):
+        q.put((ident, k, b"x" * size))
+    import time
+
+    time.sleep(60)  # killed by the test
+
+
+@pytest.mark.parametrize("kind", ["Queue", "SimpleQueue"])
+def test_a_writer_killed_while_the_pipe_is_full_does_not_wedge_the_queue(ctx, kind):
+    """Writers take the write lock only for a write the pipe takes whole, so one killed
+    while the reader lags holds no lock and leaves no half message behind."""
+    import signal
+    import time
+
+    q = getattr(ctx, kind)()
+    writers = [ctx.Process(target=put_many, args=(q, i, 40, 30_000)) for i in range(3)]
+    for p in writers:
+        p.start()
+    time.sleep(1.0)  # the pipe is full and every writer waits for room
+    os.kill(writers[0].pid, signal.SIGKILL)
+    writers[0].join(30)
+    counts = {0: 0, 1: 0, 2: 0}
+    try:
+        while counts[1] < 40 or counts[2] < 40:
+            ident, _, payload = q.get(timeout=10) if kind == "Queue" else q.get()
+            assert len(payload) == 30_000
+            counts[ident] += 1
+    finally:
+        for p in writers[1:]:
+            p.kill()
+            p.join(30)
+    assert counts[1] == counts[2] == 40
+    q.close()
