@@ -292,9 +292,7 @@ class _Worker:
         self.stopping = False
         self.current_mode = CALL_ONE
         self.memory_limit: int | None = None
-        self.idle_spin = IDLE_SPIN if _usable_cpus() > 1 else 0.0
-        self.task_poller = select.poll()
-        self.task_poller.register(task_fd, select.POLLIN)
+        self.idle_spin = 0.0  # main() sets it for a worker process
 
     def send(self, message: tuple[Any, ...]) -> None:
         _write_all(self.result_fd, frame(dumps_result(message)))
@@ -307,7 +305,9 @@ class _Worker:
         (``apply`` in a loop) finds this worker still awake and saves that wake-up.
         The CPU is yielded at each turn, so a runnable process that needs it gets it.
         """
-        poll = self.task_poller.poll
+        poller = select.poll()
+        poller.register(self.task_fd, select.POLLIN)
+        poll = poller.poll
         deadline = time.perf_counter() + self.idle_spin
         while not poll(0) and time.perf_counter() < deadline:
             _sched_yield()
@@ -493,6 +493,8 @@ def main(task_end: ChildFd, result_end: ChildFd, initializer: Any,
     if report_end is not None:
         report_faults_to(report_end.fd)
     worker = _Worker(task_end.fd, result_end.fd)
+    if _usable_cpus() > 1:
+        worker.idle_spin = IDLE_SPIN
     worker.memory_limit = memory_limit
     try:
         if initializer is not None:
