@@ -90,13 +90,8 @@ ALWAYS_AVAILABLE: dict[str, Callable[[Any], Any]] = {
 FALLBACKS: dict[str, Callable[[Any], Any]] = {"locked": _lock_is_held}
 
 
-_PLAIN_LOCK = type(threading.Lock())
-_ACQUIRES = frozenset({"acquire", "__enter__"})
-_RELEASES = frozenset({"release", "__exit__"})
-
-
 class _Referent:
-    __slots__ = ("obj", "typeid", "exposed", "method_to_typeid", "refs", "holder")
+    __slots__ = ("obj", "typeid", "exposed", "method_to_typeid", "refs")
 
     def __init__(self, obj: Any, typeid: str, exposed: frozenset[str],
                  method_to_typeid: Mapping[str, str] | None) -> None:
@@ -105,18 +100,16 @@ class _Referent:
         self.exposed = exposed
         self.method_to_typeid = method_to_typeid
         self.refs = 0
-        self.holder: _Session | None = None  # for a plain lock: the session that took it
 
 
 class _Session:
-    __slots__ = ("id", "name", "refs", "connections", "locks")
+    __slots__ = ("id", "name", "refs", "connections")
 
     def __init__(self, session_id: str, name: str) -> None:
         self.id = session_id
         self.name = name
         self.refs: collections.Counter[str] = collections.Counter()
         self.connections = 0
-        self.locks: set[str] = set()  # idents of plain locks this session may hold
 
 
 class _Link:
@@ -455,8 +448,6 @@ class Server:
             text = wire.format_exception_text(exc, 1)
             _without_frames(exc)
             return "raised", (self._portable(exc), type(exc).__qualname__, str(exc), text)
-        if type(obj) is _PLAIN_LOCK:
-            self._note_lock_holder(link, referent, ident, method, result)
         new_typeid = referent.method_to_typeid and referent.method_to_typeid.get(method)
         if new_typeid:
             assert link.session is not None
@@ -469,18 +460,6 @@ class Server:
         if type(result) in _VIEW_TYPES:
             result = list(result)
         return "ok", result
-
-    @staticmethod
-    def _note_lock_holder(link: _Link, referent: _Referent, ident: str, method: str,
-                          result: Any) -> None:
-        """Remember which session holds a shared plain lock, to free it if that session ends
-        (its process killed while holding it) instead of leaving every other waiter stuck."""
-        session = link.session
-        if method in _ACQUIRES and result and session is not None:
-            referent.holder = session
-            session.locks.add(ident)
-        elif method in _RELEASES:
-            referent.holder = None
 
     def _op_incref(self, link: _Link, idents: Any) -> tuple[str, Any]:
         assert link.session is not None
@@ -621,24 +600,8 @@ class Server:
         session.connections -= 1
         if session.connections <= 0 and session.id in self._sessions:
             del self._sessions[session.id]
-            self._free_locks_of(session)
             for ident, count in list(session.refs.items()):
                 self._unref(session, ident, doomed, count)
-
-    def _free_locks_of(self, session: _Session) -> None:
-        """Release the shared locks a session that ended (its process died) still held."""
-        for ident in session.locks:
-            referent = self._referents.get(ident)
-            if referent is None or referent.holder is not session:
-                continue
-            referent.holder = None
-            try:
-                referent.obj.release()
-            except RuntimeError:  # released meanwhile
-                continue
-            util.info("manager: released lock %s, held by %s when it went away", ident,
-                      session.name)
-        session.locks.clear()
 
     # server-owned references, taken by proxies unpickled inside this process
 
