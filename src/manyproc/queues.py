@@ -165,30 +165,28 @@ class _WriteSide:
             self._write_chunk(chunk, chunk_size)
 
     def _write_chunk(self, payloads: list[Any], size: int) -> None:
-        if size > self.capacity:
-            with self.lock:
-                _write_frames(self.fd, payloads)
-            return
-        delay = 0.0002
         lock, fd = self.lock, self.fd
-        while True:
-            with lock:
-                if self._room() >= size:
-                    _write_frames(fd, payloads)
-                    return
-            # Wait for the reader without the lock: until there is some room (then a
-            # little longer if it is not enough), or the reader is gone (the write
-            # then raises BrokenPipeError at once).
-            poller = select.poll()
-            poller.register(self.fd, select.POLLOUT)
-            ready = poller.poll(1000)
-            if ready and ready[0][1] & (select.POLLERR | select.POLLHUP):
-                with self.lock:
-                    _write_frames(self.fd, payloads)
-                return
-            if ready:
-                time.sleep(delay)
-                delay = min(2 * delay, 0.005)
+        if size <= self.capacity:
+            poller: Any = None
+            delay = 0.0002
+            while True:
+                with lock:
+                    if self._room() >= size:
+                        _write_frames(fd, payloads)
+                        return
+                # Wait for the reader without the lock: until there is some room (then a
+                # little longer if it is not enough), or the reader is gone.
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(fd, select.POLLOUT)
+                ready = poller.poll(1000)
+                if ready and ready[0][1] & (select.POLLERR | select.POLLHUP):
+                    break  # the write below raises BrokenPipeError at once
+                if ready:
+                    time.sleep(delay)
+                    delay = min(2 * delay, 0.005)
+        with lock:  # bigger than the pipe, or no way to tell its room: a blocking write
+            _write_frames(fd, payloads)
 
 
 class _ReadSide:

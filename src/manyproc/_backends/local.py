@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import select
+import signal
 import threading
 import time
 from collections import OrderedDict, deque
@@ -460,7 +461,8 @@ class ProcessBackend(WorkerBackend):
             process.join(1.0)  # the sentinel fired, so the exit status is moments away
             exitcode = process.exitcode
         proc.exited = True
-        report = _read_report(proc.report_r, 0) if exitcode != -9 else ""
+        # SIGKILL gives the fault handler no chance to write: do not look
+        report = _read_report(proc.report_r, 0) if exitcode != -signal.SIGKILL else ""
         self._pending.append(WorkerExited(now=now, worker_id=proc.worker_id,
                                           exitcode=exitcode, crash_report=report or None))
         self._forget(proc)
@@ -509,9 +511,7 @@ def _read_report(fd: int, wait: float) -> str:
     while size < REPORT_LIMIT and poller.poll(timeout_ms):
         try:
             chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            break
-        except OSError:
+        except OSError:  # BlockingIOError included: nothing more for now
             break
         if not chunk:
             break  # the worker is gone

@@ -449,6 +449,8 @@ def report_faults_to(fd: int) -> None:
 
 
 def _usable_cpus() -> int:
+    """The affinity mask's size: a light stand-in for ``_os.cpus.usable_cpu_count`` (whose
+    cgroup parsing and dataclasses would cost every spawned worker's start-up)."""
     affinity = getattr(os, "sched_getaffinity", None)
     if affinity is not None:
         try:
